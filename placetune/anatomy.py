@@ -1,0 +1,322 @@
+"""GGUF anatomy: model facts and every tensor's group, size and type, read from the header only.
+
+The `gguf` reader memory-maps the file, so nothing here touches weight data: a 600 GB model
+inspects in about a second. Tensor names follow llama.cpp's conventions (`blk.N.ffn_up_exps.weight`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from gguf import GGUFReader
+
+from placetune.errors import PlacetuneError
+
+
+class Group(StrEnum):
+    """Where a tensor belongs for placement and accounting."""
+
+    EMBED = "embed"  # token embeddings and the output head
+    ATTN = "attn"
+    NORM = "norm"
+    FFN = "ffn"  # dense feed-forward
+    ROUTER = "router"  # ffn_gate_inp, exp_probs_b
+    SHEXP = "shexp"  # shared expert
+    EXPERT = "expert"  # routed experts (see TensorInfo.expert_kind)
+    OTHER = "other"
+
+
+EXPERT_KINDS: tuple[str, ...] = ("gate", "up", "down", "gate_up")
+
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+_EXPERT_RE = re.compile(r"\.ffn_(gate_up|gate|up|down)_(?:ch)?exps(?:\.|$)")
+_SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<idx>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as llama.cpp will see it."""
+
+    name: str
+    layer: int | None
+    group: Group
+    expert_kind: str | None  # gate / up / down / gate_up for routed experts
+    is_bias: bool
+    ggml_type: str
+    shape: tuple[int, ...]
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The hyper-parameters that decide memory and speed."""
+
+    arch: str
+    name: str
+    n_layers: int
+    n_ctx_train: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_vocab: int
+    n_expert: int
+    n_expert_used: int
+    n_expert_shared: int
+    n_leading_dense: int
+    file_type: str
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+
+def classify(name: str) -> tuple[Group, str | None, bool]:
+    """Group of a tensor by its llama.cpp name, plus expert kind and whether it is a bias."""
+    is_bias = name.endswith(".bias")
+    expert = _EXPERT_RE.search(name)
+    if expert:
+        return Group.EXPERT, expert.group(1), is_bias
+    base = name.removesuffix(".weight").removesuffix(".bias")
+    leaf = base.split(".")[-1]
+    if leaf.endswith("_shexp"):
+        return Group.SHEXP, None, is_bias
+    if leaf in ("ffn_gate_inp", "exp_probs_b") or leaf.startswith("ffn_gate_inp"):
+        return Group.ROUTER, None, is_bias
+    if leaf.endswith("norm") or "_norm" in leaf:
+        return Group.NORM, None, is_bias
+    if leaf in ("token_embd", "output", "token_types", "position_embd", "per_layer_token_embd"):
+        return Group.EMBED, None, is_bias
+    if leaf.startswith("attn") or leaf.startswith("ssm"):
+        return Group.ATTN, None, is_bias
+    if leaf.startswith("ffn"):
+        return Group.FFN, None, is_bias
+    return Group.OTHER, None, is_bias
+
+
+@dataclass
+class Anatomy:
+    """A model's facts and tensors, with the byte accounting every other stage builds on."""
+
+    paths: list[str]
+    facts: ModelFacts
+    tensors: list[TensorInfo]
+    file_bytes: int
+    header_hash: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors if t.group is Group.EXPERT)
+
+    @property
+    def common_bytes(self) -> int:
+        return self.total_bytes - self.expert_bytes
+
+    @property
+    def active_fraction(self) -> float:
+        """Share of routed expert bytes one token reads: used / count (1.0 for dense models)."""
+        f = self.facts
+        return f.n_expert_used / f.n_expert if f.n_expert else 1.0
+
+    @property
+    def active_bytes(self) -> int:
+        """Bytes read per generated token: every non-expert tensor plus experts x used / count."""
+        return round(self.common_bytes + self.expert_bytes * self.active_fraction)
+
+    def layer_table(self) -> list[dict[str, Any]]:
+        """Per layer: bytes per group (experts split by kind) and the quant types seen."""
+        rows: dict[int | None, dict[str, Any]] = {}
+        for t in self.tensors:
+            row = rows.setdefault(t.layer, {"layer": t.layer, "types": set()})
+            key = column_of(t)
+            row[key] = row.get(key, 0) + t.n_bytes
+            if not t.is_bias and t.group is not Group.NORM:
+                row["types"].add(t.ggml_type)
+        out = []
+        for layer in sorted(rows, key=lambda x: -1 if x is None else x):
+            row = rows[layer]
+            row["types"] = sorted(row["types"])
+            row["total"] = sum(v for k, v in row.items() if k not in ("layer", "types"))
+            out.append(row)
+        return out
+
+    def group_totals(self) -> dict[str, int]:
+        totals: dict[str, int] = defaultdict(int)
+        for t in self.tensors:
+            totals[column_of(t)] += t.n_bytes
+        return dict(totals)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON document of `placetune inspect --json`."""
+        return {
+            "paths": self.paths,
+            "header_hash": self.header_hash,
+            "facts": asdict(self.facts),
+            "totals": {
+                "total_bytes": self.total_bytes,
+                "common_bytes": self.common_bytes,
+                "expert_bytes": self.expert_bytes,
+                "active_bytes": self.active_bytes,
+                "file_bytes": self.file_bytes,
+                "groups": self.group_totals(),
+            },
+            "layers": self.layer_table(),
+            "tensors": [
+                {**asdict(t), "group": str(t.group), "shape": list(t.shape)} for t in self.tensors
+            ],
+        }
+
+
+def column_of(t: TensorInfo) -> str:
+    """Table column for a tensor: its group, or `exp_<kind>[_bias]` for routed experts."""
+    if t.group is Group.EXPERT:
+        return f"exp_{t.expert_kind}" + ("_bias" if t.is_bias else "")
+    return str(t.group)
+
+
+def shard_paths(path: Path) -> list[Path]:
+    """All shards of a split model (`-00001-of-0000N.gguf`), or just the file itself."""
+    m = _SHARD_RE.match(path.name)
+    if not m:
+        return [path]
+    count = int(m["count"])
+    paths = [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise PlacetuneError(f"{path}: shard(s) missing: {', '.join(missing)}; put all {count} shards together")
+    return paths
+
+
+def _open(path: Path) -> GGUFReader:
+    if not path.exists():
+        raise PlacetuneError(f"{path}: no such file; give the path of a .gguf model")
+    if path.is_dir():
+        raise PlacetuneError(f"{path} is a directory; give the path of a .gguf model file")
+    if path.stat().st_size < 24:
+        raise PlacetuneError(f"{path} is not a GGUF file (too short to hold a header)")
+    try:
+        reader = GGUFReader(path)
+    except ValueError as exc:
+        if "magic" in str(exc).lower():
+            raise PlacetuneError(f"{path} is not a GGUF file (bad magic); give a .gguf model") from None
+        raise PlacetuneError(f"{path}: unreadable GGUF header ({exc}); the file is truncated or corrupt") from None
+    except (IndexError, OverflowError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise PlacetuneError(f"{path}: GGUF header is truncated or corrupt ({type(exc).__name__})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise PlacetuneError(
+                f"{path} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes} "
+                f"but the file has {size}; download it again"
+            )
+    return reader
+
+
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _int_field(reader: GGUFReader, key: str, default: int = 0) -> int:
+    value = _field(reader, key, default)
+    if isinstance(value, list):  # per-layer arrays (e.g. head_count_kv): the largest is what memory needs
+        return int(max(value)) if value else default
+    return int(value)
+
+
+def _facts(reader: GGUFReader, tensors: list[TensorInfo]) -> ModelFacts:
+    arch = str(_field(reader, "general.architecture", "unknown"))
+    a = arch
+
+    n_layers = _int_field(reader, f"{a}.block_count")
+    if not n_layers:
+        layers = {t.layer for t in tensors if t.layer is not None}
+        n_layers = max(layers) + 1 if layers else 0
+    n_embd = _int_field(reader, f"{a}.embedding_length")
+    n_head = _int_field(reader, f"{a}.attention.head_count")
+    n_head_kv = _int_field(reader, f"{a}.attention.head_count_kv", n_head)
+    default_dim = n_embd // n_head if n_head else 0
+    n_expert = _int_field(reader, f"{a}.expert_count")
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    n_vocab = len(tokens.data) if tokens is not None else _int_field(reader, f"{a}.vocab_size")
+    n_shared = _int_field(reader, f"{a}.expert_shared_count")
+    if not n_shared and any(t.group is Group.SHEXP for t in tensors):
+        n_shared = 1
+    leading = _int_field(reader, f"{a}.leading_dense_block_count")
+    if not leading and n_expert:
+        moe_layers = {t.layer for t in tensors if t.group is Group.EXPERT}
+        leading = next((i for i in range(n_layers) if i in moe_layers), 0)
+    types = sorted({t.ggml_type for t in tensors if t.group is Group.EXPERT or t.group is Group.ATTN})
+    return ModelFacts(
+        arch=arch,
+        name=str(_field(reader, "general.name", "")),
+        n_layers=n_layers,
+        n_ctx_train=_int_field(reader, f"{a}.context_length"),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=_int_field(reader, f"{a}.attention.key_length", default_dim),
+        head_dim_v=_int_field(reader, f"{a}.attention.value_length", default_dim),
+        n_vocab=n_vocab,
+        n_expert=n_expert,
+        n_expert_used=_int_field(reader, f"{a}.expert_used_count"),
+        n_expert_shared=n_shared,
+        n_leading_dense=leading,
+        file_type="/".join(types) or "unknown",
+    )
+
+
+def _header_hash(paths: list[Path], readers: list[GGUFReader]) -> str:
+    """Hash of the headers (metadata and tensor table): identifies a model without reading weights."""
+    h = hashlib.sha256()
+    for path, reader in zip(paths, readers, strict=True):
+        with open(path, "rb") as fh:
+            h.update(fh.read(reader.data_offset))
+    return h.hexdigest()[:16]
+
+
+def read_anatomy(path: str | os.PathLike[str]) -> Anatomy:
+    """Read a (possibly sharded) GGUF model's anatomy without loading its weights."""
+    first = Path(path)
+    paths = shard_paths(first) if first.exists() else [first]
+    readers = [_open(p) for p in paths]
+    tensors: list[TensorInfo] = []
+    for reader in readers:
+        for t in reader.tensors:
+            group, kind, is_bias = classify(t.name)
+            m = _LAYER_RE.match(t.name)
+            tensors.append(
+                TensorInfo(
+                    name=t.name,
+                    layer=int(m.group(1)) if m else None,
+                    group=group,
+                    expert_kind=kind,
+                    is_bias=is_bias,
+                    ggml_type=t.tensor_type.name,
+                    shape=tuple(int(d) for d in t.shape),
+                    n_bytes=int(t.n_bytes),
+                )
+            )
+    if not tensors:
+        raise PlacetuneError(f"{first} holds no tensors; is it a vocab-only GGUF?")
+    return Anatomy(
+        paths=[str(p) for p in paths],
+        facts=_facts(readers[0], tensors),
+        tensors=tensors,
+        file_bytes=sum(p.stat().st_size for p in paths),
+        header_hash=_header_hash(paths, readers),
+    )

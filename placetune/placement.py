@@ -1,0 +1,606 @@
+"""Placement: where every tensor goes and with which runtime knobs, and its llama.cpp spelling.
+
+This is the only module that knows how llama.cpp flags are spelled. llama-server and llama-bench
+differ in small ways (llama-bench joins several -ot rules with ';' and takes booleans as 0/1), so
+both spellings come from the tables here, and `parse_flags` reads either back into a Placement.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from placetune.anatomy import EXPERT_KINDS, Anatomy, TensorInfo
+from placetune.errors import PlacetuneError
+
+ALL_LAYERS = 999  # -ngl value meaning "every layer and the output head"
+ALL_EXPERT_KINDS: tuple[str, ...] = EXPERT_KINDS
+LOAD_MODES = ("auto", "none", "mmap", "mlock", "mmap+mlock", "dio")
+FLASH_ATTN = ("on", "off", "auto")
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+# The layer universe used to read a hand-written -ot regex back into layers.
+_PARSE_MAX_LAYERS = 256
+
+
+@dataclass(frozen=True)
+class ExpertRule:
+    """Routed-expert tensors of some layers (None: all layers) and kinds, pinned to a buffer type."""
+
+    layers: tuple[int, ...] | None
+    kinds: tuple[str, ...] = ALL_EXPERT_KINDS
+    buft: str = "CPU"
+    include_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+        object.__setattr__(self, "kinds", tuple(k for k in ALL_EXPERT_KINDS if k in set(self.kinds)))
+        if not self.kinds or (self.layers is not None and not self.layers):
+            raise PlacetuneError("an expert rule needs at least one layer and one expert kind")
+
+    @property
+    def is_n_cpu_moe(self) -> bool:
+        """True when llama.cpp's --n-cpu-moe/--cpu-moe means exactly this rule."""
+        first_n = self.layers is None or self.layers == tuple(range(len(self.layers)))
+        return self.buft == "CPU" and self.include_bias and self.kinds == ALL_EXPERT_KINDS and first_n
+
+    def pattern(self) -> str:
+        kinds = self.kinds[0] if len(self.kinds) == 1 else "(" + "|".join(self.kinds) + ")"
+        suffix = "" if self.include_bias else r"\.weight"
+        if self.layers is None:
+            return rf"\.ffn_{kinds}_exps{suffix}"
+        return rf"blk\.{layers_regex(self.layers)}\.ffn_{kinds}_exps{suffix}"
+
+
+@dataclass(frozen=True)
+class RawOverride:
+    """An -ot rule placetune does not model structurally; kept verbatim and applied as llama.cpp would."""
+
+    pattern: str
+    buft: str
+
+
+Override = ExpertRule | RawOverride
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Layers on the accelerator, tensor overrides in llama.cpp's first-match order, and runtime knobs.
+
+    None means "not given": llama.cpp's own default applies and no flag is rendered.
+    """
+
+    n_gpu_layers: int | None = None
+    overrides: tuple[Override, ...] = ()
+    threads: int | None = None
+    batch: int | None = None
+    ubatch: int | None = None
+    flash_attn: str | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    load_mode: str | None = None
+    no_op_offload: bool = False
+    repack: bool | None = None
+    ctx: int | None = None
+    tensor_split: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["overrides"] = [
+            {"type": "experts", **asdict(o)} if isinstance(o, ExpertRule) else {"type": "raw", **asdict(o)}
+            for o in self.overrides
+        ]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Placement:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise PlacetuneError(f"placement has unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        overrides: list[Override] = []
+        for o in d.get("overrides", []):
+            o = dict(o)
+            kind = o.pop("type", "raw")
+            if kind == "experts":
+                layers = o.get("layers")
+                overrides.append(
+                    ExpertRule(
+                        layers=None if layers is None else tuple(layers),
+                        kinds=tuple(o.get("kinds", ALL_EXPERT_KINDS)),
+                        buft=o.get("buft", "CPU"),
+                        include_bias=bool(o.get("include_bias", True)),
+                    )
+                )
+            else:
+                overrides.append(RawOverride(pattern=o["pattern"], buft=o["buft"]))
+        ts = d.get("tensor_split")
+        return cls(**{
+            **d,
+            "overrides": tuple(overrides),
+            "tensor_split": None if ts is None else tuple(float(x) for x in ts),
+        })
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Regex for a set of layer numbers
+
+
+def _range_stops(lo: int, hi: int) -> list[int]:
+    """Ends of the sub-ranges of lo..hi that each fit one `prefix[a-b][0-9]*` shape."""
+    stops = {hi}
+    nines = 1
+    stop = int(str(lo)[:-nines] + "9" * nines) if nines < len(str(lo)) else int("9" * nines)
+    while lo <= stop < hi:
+        stops.add(stop)
+        nines += 1
+        stop = int(str(lo)[:-nines] + "9" * nines) if nines < len(str(lo)) else int("9" * nines)
+    zeros = 1
+    stop = (hi + 1) - (hi + 1) % 10**zeros - 1
+    while lo < stop <= hi:
+        stops.add(stop)
+        zeros += 1
+        stop = (hi + 1) - (hi + 1) % 10**zeros - 1
+    return sorted(stops)
+
+
+def _range_regex(lo: int, hi: int) -> list[str]:
+    """Alternatives matching exactly the decimal integers lo..hi (the to-regex-range method)."""
+    out, start = [], lo
+    for stop in _range_stops(lo, hi):
+        a, b = str(start), str(stop)
+        alt = "".join(x if x == y else f"[{x}-{y}]" for x, y in zip(a, b, strict=True))
+        out.append(alt)
+        start = stop + 1
+    return out
+
+
+def layer_runs(layers: Iterable[int]) -> list[tuple[int, int]]:
+    """Maximal contiguous runs of a set of layer numbers, as (first, last) pairs."""
+    runs: list[tuple[int, int]] = []
+    for layer in sorted(set(layers)):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], layer)
+        else:
+            runs.append((layer, layer))
+    return runs
+
+
+def layers_regex(layers: Iterable[int]) -> str:
+    """A compact regex for exactly these layers: `7`, or `(1[0-9]|2[0-3])` for 10..23."""
+    alts = [alt for lo, hi in layer_runs(layers) for alt in _range_regex(lo, hi)]
+    if not alts:
+        raise PlacetuneError("no layers given for an expert rule")
+    return alts[0] if len(alts) == 1 else "(" + "|".join(alts) + ")"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+@dataclass(frozen=True)
+class _Knob:
+    """One runtime knob: its Placement field and its spelling in llama-server and llama-bench."""
+
+    name: str
+    server: str
+    bench: str | None
+    aliases: tuple[str, ...] = field(default=())
+
+
+# Value-taking knobs, spelled as llama-server spells them (common/arg.cpp) and as llama-bench does.
+_KNOBS: tuple[_Knob, ...] = (
+    _Knob("threads", "-t", "-t", ("--threads",)),
+    _Knob("batch", "-b", "-b", ("--batch-size",)),
+    _Knob("ubatch", "-ub", "-ub", ("--ubatch-size",)),
+    _Knob("flash_attn", "-fa", "-fa", ("--flash-attn",)),
+    _Knob("cache_type_k", "-ctk", "-ctk", ("--cache-type-k",)),
+    _Knob("cache_type_v", "-ctv", "-ctv", ("--cache-type-v",)),
+    _Knob("load_mode", "-lm", "-lm", ("--load-mode",)),
+    _Knob("ctx", "-c", None, ("--ctx-size",)),
+)
+
+
+def _override_groups(placement: Placement) -> list[list[str] | int | None]:
+    """Overrides in order: lists of -ot rules, an int for --n-cpu-moe N, None for --cpu-moe."""
+    out: list[list[str] | int | None] = []
+    last = len(placement.overrides) - 1
+    for i, o in enumerate(placement.overrides):
+        # llama-bench appends its --n-cpu-moe rules after every -ot rule, so only a trailing
+        # first-N rule can be spelled --n-cpu-moe without changing llama.cpp's first-match order.
+        if isinstance(o, ExpertRule) and o.is_n_cpu_moe and i == last:
+            out.append(None if o.layers is None else len(o.layers))
+            continue
+        rule = f"{o.pattern() if isinstance(o, ExpertRule) else o.pattern}={o.buft}"
+        if out and isinstance(out[-1], list):
+            out[-1].append(rule)
+        else:
+            out.append([rule])
+    return out
+
+
+def render_args(placement: Placement, tool: str = "server") -> list[str]:
+    """The placement as llama.cpp arguments for `server` (llama-server/llama-cli) or `bench` (llama-bench)."""
+    if tool not in ("server", "bench"):
+        raise ValueError(f"unknown tool {tool!r}")
+    bench = tool == "bench"
+    args: list[str] = []
+    if placement.n_gpu_layers is not None:
+        args += ["-ngl", str(placement.n_gpu_layers)]
+    if placement.tensor_split is not None:
+        sep = "/" if bench else ","
+        args += ["-ts", sep.join(f"{x:g}" for x in placement.tensor_split)]
+    groups = _override_groups(placement)
+    if bench:
+        rules = [r for g in groups if isinstance(g, list) for r in g]
+        if None in groups:  # llama-bench has no --cpu-moe
+            rules.append(f"{ExpertRule(layers=None).pattern()}=CPU")
+        if rules:
+            args += ["-ot", ";".join(rules)]
+        n_cpu_moe = [g for g in groups if isinstance(g, int) and not isinstance(g, bool)]
+        if n_cpu_moe:
+            args += ["-ncmoe", str(n_cpu_moe[0])]
+    else:
+        for g in groups:
+            if isinstance(g, list):
+                args += ["-ot", ",".join(g)]
+            elif g is None:
+                args += ["--cpu-moe"]
+            else:
+                args += ["--n-cpu-moe", str(g)]
+    for knob in _KNOBS:
+        value = getattr(placement, knob.name)
+        if value is None or (bench and knob.bench is None):
+            continue
+        args += [knob.bench if bench else knob.server, str(value)]
+    if placement.no_op_offload:
+        args += ["-nopo", "1"] if bench else ["--no-op-offload"]
+    if placement.repack is not None:
+        if bench:
+            args += ["--repack", "1" if placement.repack else "0"]
+        else:
+            args += ["--repack" if placement.repack else "--no-repack"]
+    return args
+
+
+def render_flags(placement: Placement) -> str:
+    """The llama-server flags as one shell-quoted string."""
+    return shlex.join(render_args(placement, "server"))
+
+
+def render_ot(placement: Placement) -> str:
+    """Just the -ot value (llama-server spelling), with --n-cpu-moe rules written out as regexes."""
+    rules = []
+    for o in placement.overrides:
+        rules.append(f"{o.pattern() if isinstance(o, ExpertRule) else o.pattern}={o.buft}")
+    return ",".join(rules)
+
+
+def render_server_command(
+    model: str,
+    placement: Placement,
+    *,
+    binary: str = "llama-server",
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    rpc: Sequence[str] = (),
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """A complete llama-server command line for this placement."""
+    cmd = [binary, "-m", model, "--host", host]
+    if port is not None:
+        cmd += ["--port", str(port)]
+    if rpc:
+        cmd += ["--rpc", ",".join(rpc)]
+    return cmd + render_args(placement, "server") + list(extra)
+
+
+def render_bench_command(
+    model: str,
+    placement: Placement,
+    *,
+    binary: str = "llama-bench",
+    n_prompt: int = 512,
+    n_gen: int = 128,
+    depth: int = 0,
+    repetitions: int = 5,
+    rpc: Sequence[str] = (),
+    output: str | None = "jsonl",
+) -> list[str]:
+    """A llama-bench command line measuring this placement."""
+    cmd = [binary, "-m", model, "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions)]
+    if depth:
+        cmd += ["-d", str(depth)]
+    if rpc:
+        cmd += ["--rpc", ",".join(rpc)]
+    cmd += render_args(placement, "bench")
+    if output:
+        cmd += ["-o", output]
+    return cmd
+
+
+def python_kwargs(placement: Placement) -> dict[str, Any]:
+    """llama-cpp-python `Llama(...)` keyword arguments for the knobs it exposes.
+
+    `Llama()` has no tensor override argument; overrides go through placetune's embedded runner
+    (low-level API) and are returned under `tensor_buft_overrides` as (pattern, buft) pairs.
+    """
+    kw: dict[str, Any] = {}
+    if placement.n_gpu_layers is not None:
+        kw["n_gpu_layers"] = placement.n_gpu_layers
+    if placement.tensor_split is not None:
+        kw["tensor_split"] = list(placement.tensor_split)
+    for name, key in (("threads", "n_threads"), ("batch", "n_batch"), ("ubatch", "n_ubatch"), ("ctx", "n_ctx")):
+        if getattr(placement, name) is not None:
+            kw[key] = getattr(placement, name)
+    if placement.flash_attn is not None:
+        kw["flash_attn"] = placement.flash_attn == "on"
+    if placement.load_mode is not None:
+        kw["use_mmap"] = placement.load_mode in ("auto", "mmap", "mmap+mlock")
+    if placement.no_op_offload:
+        kw["op_offload"] = False
+    for name in ("cache_type_k", "cache_type_v"):
+        value = getattr(placement, name)
+        if value is not None:
+            kw["type_" + name[-1]] = _ggml_type_id(value)
+    if placement.overrides:
+        kw["tensor_buft_overrides"] = [
+            (o.pattern() if isinstance(o, ExpertRule) else o.pattern, o.buft) for o in placement.overrides
+        ]
+    return kw
+
+
+def _ggml_type_id(name: str) -> int:
+    from gguf import GGMLQuantizationType
+
+    return int(GGMLQuantizationType[name.upper()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _universe() -> tuple[list[tuple[int | None, str, str]], list[str]]:
+    """Expert tensor names (layer, kind, suffix) and non-expert names to read -ot regexes against."""
+    experts = [
+        (layer, kind, suffix)
+        for layer in range(_PARSE_MAX_LAYERS)
+        for kind in ALL_EXPERT_KINDS
+        for suffix in ("weight", "bias")
+    ]
+    others = ["token_embd.weight", "output.weight", "output_norm.weight", "rope_freqs.weight"]
+    per_layer = (
+        "attn_norm.weight attn_q.weight attn_k.weight attn_v.weight attn_output.weight attn_q_norm.weight "
+        "attn_k_norm.weight attn_sinks.weight attn_q.bias ffn_norm.weight post_attention_norm.weight "
+        "ffn_gate.weight ffn_up.weight ffn_down.weight ffn_gate_inp.weight ffn_gate_inp.bias exp_probs_b.bias "
+        "ffn_gate_shexp.weight ffn_up_shexp.weight ffn_down_shexp.weight ffn_gate_inp_shexp.weight "
+        "ffn_gate_chexps.weight ffn_up_chexps.weight ffn_down_chexps.weight"
+    ).split()
+    others += [f"blk.{layer}.{leaf}" for layer in range(_PARSE_MAX_LAYERS) for leaf in per_layer]
+    return experts, others
+
+
+_UNIVERSE = _universe()
+
+
+def _read_rule(pattern: str, buft: str) -> Override:
+    """Read an -ot rule as an ExpertRule when it selects a rectangle of expert tensors and nothing else."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise PlacetuneError(f"-ot pattern {pattern!r} is not a valid regex: {exc}") from None
+    experts, others = _UNIVERSE
+    if any(rx.search(name) for name in others):
+        return RawOverride(pattern, buft)
+    hits = {(layer, kind, sfx) for layer, kind, sfx in experts if rx.search(f"blk.{layer}.ffn_{kind}_exps.{sfx}")}
+    if not hits:
+        return RawOverride(pattern, buft)
+    layers = sorted({h[0] for h in hits})
+    kinds = tuple(k for k in ALL_EXPERT_KINDS if any(h[1] == k for h in hits))
+    suffixes = {h[2] for h in hits}
+    if suffixes == {"bias"}:
+        return RawOverride(pattern, buft)
+    if len(hits) != len(layers) * len(kinds) * len(suffixes):
+        return RawOverride(pattern, buft)
+    all_layers = len(layers) == _PARSE_MAX_LAYERS
+    return ExpertRule(
+        layers=None if all_layers else tuple(layers),  # type: ignore[arg-type]
+        kinds=kinds,
+        buft=buft,
+        include_bias="bias" in suffixes,
+    )
+
+
+def _split_rules(value: str) -> list[tuple[str, str]]:
+    rules = []
+    for part in re.split(r"[,;]", value):
+        if not part:
+            continue
+        if "=" not in part:
+            raise PlacetuneError(f"-ot rule {part!r} has no '=BUFTYPE'; write it as REGEX=CPU (or =CUDA0, =RPC0)")
+        pattern, buft = part.rsplit("=", 1)
+        if not pattern or not buft:
+            raise PlacetuneError(f"-ot rule {part!r} needs both a regex and a buffer type, as REGEX=CPU")
+        rules.append((pattern, buft))
+    return rules
+
+
+_IGNORED_WITH_VALUE = {"-m", "--model", "--host", "--port", "-p", "-n", "-r", "-d", "-o", "--repetitions"}
+_KNOB_BY_FLAG = {name: k for k in _KNOBS for name in (k.server, *k.aliases) if name}
+_INT_KNOBS = {"threads", "batch", "ubatch", "ctx"}
+
+
+def _knob_value(knob: _Knob, raw: str, flag: str) -> Any:
+    if knob.name in _INT_KNOBS:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise PlacetuneError(f"{flag} needs a whole number, got {raw!r}") from None
+        if value <= 0:
+            raise PlacetuneError(f"{flag} must be positive, got {value}")
+        return value
+    if knob.name == "flash_attn":
+        value = {"1": "on", "0": "off", "true": "on", "false": "off"}.get(raw, raw)
+        if value not in FLASH_ATTN:
+            raise PlacetuneError(f"{flag} takes on, off or auto, got {raw!r}")
+        return value
+    if knob.name == "load_mode":
+        if raw not in LOAD_MODES:
+            raise PlacetuneError(f"{flag} takes one of {', '.join(LOAD_MODES)}, got {raw!r}")
+        return raw
+    if raw not in KV_TYPES:
+        raise PlacetuneError(f"{flag} takes a KV cache type ({', '.join(KV_TYPES)}), got {raw!r}")
+    return raw
+
+
+def parse_flags(args: str | Sequence[str]) -> Placement:
+    """Read llama-server or llama-bench placement flags back into a Placement.
+
+    A leading binary name and -m/--host/--port are skipped, so a whole command line works.
+    Flags that are not about placement or runtime knobs are refused, never silently dropped.
+    """
+    tokens = shlex.split(args) if isinstance(args, str) else list(args)
+    if tokens and not tokens[0].startswith("-"):
+        tokens = tokens[1:]
+    values: dict[str, Any] = {}
+    overrides: list[Override] = []
+    i = 0
+
+    def take(flag: str) -> str:
+        nonlocal i
+        if i + 1 >= len(tokens):
+            raise PlacetuneError(f"{flag} needs a value")
+        i += 1
+        return tokens[i]
+
+    while i < len(tokens):
+        tok = tokens[i]
+        flag, _, inline = tok.partition("=") if tok.startswith("--") else (tok, "", "")
+        if inline:
+            tokens[i : i + 1] = [flag, inline]
+        if flag in ("-ngl", "--gpu-layers", "--n-gpu-layers"):
+            raw = take(flag)
+            if raw == "all":
+                values["n_gpu_layers"] = ALL_LAYERS
+            elif raw != "auto":
+                try:
+                    values["n_gpu_layers"] = int(raw)
+                except ValueError:
+                    raise PlacetuneError(f"{flag} takes a number, 'all' or 'auto', got {raw!r}") from None
+        elif flag in ("-ot", "--override-tensor"):
+            overrides += [_read_rule(p, b) for p, b in _split_rules(take(flag))]
+        elif flag in ("-cmoe", "--cpu-moe"):
+            overrides.append(ExpertRule(layers=None))
+        elif flag in ("-ncmoe", "--n-cpu-moe"):
+            raw = take(flag)
+            if not raw.isdigit():
+                raise PlacetuneError(f"{flag} takes a layer count, got {raw!r}")
+            if int(raw) > 0:
+                overrides.append(ExpertRule(layers=tuple(range(int(raw)))))
+        elif flag in ("-ts", "--tensor-split"):
+            raw = take(flag)
+            try:
+                values["tensor_split"] = tuple(float(x) for x in re.split(r"[,/]", raw))
+            except ValueError:
+                raise PlacetuneError(f"{flag} takes numbers like 3,1, got {raw!r}") from None
+        elif flag in _KNOB_BY_FLAG:
+            knob = _KNOB_BY_FLAG[flag]
+            values[knob.name] = _knob_value(knob, take(flag), flag)
+        elif flag == "--no-mmap":
+            values["load_mode"] = "none"
+        elif flag == "--mmap":
+            values["load_mode"] = "mmap"
+        elif flag in ("-mmp", "--mmap-bench"):
+            values["load_mode"] = "mmap" if take(flag) == "1" else "none"
+        elif flag == "--no-op-offload":
+            values["no_op_offload"] = True
+        elif flag == "-nopo":
+            values["no_op_offload"] = take(flag) == "1"
+        elif flag in ("--no-repack", "-nr"):
+            values["repack"] = False
+        elif flag == "--repack":
+            if i + 1 < len(tokens) and tokens[i + 1] in ("0", "1"):
+                values["repack"] = take(flag) == "1"
+            else:
+                values["repack"] = True
+        elif flag in _IGNORED_WITH_VALUE:
+            take(flag)
+        else:
+            raise PlacetuneError(
+                f"unsupported llama.cpp flag {tok!r}; placetune reads -ngl, -ot, --cpu-moe, --n-cpu-moe, -ts, "
+                "-t, -b, -ub, -fa, -ctk, -ctv, -c, -lm/--no-mmap, --no-op-offload and --repack/--no-repack"
+            )
+        i += 1
+    return Placement(overrides=tuple(overrides), **values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-device accounting
+
+
+def _rule_matches(o: Override, name: str) -> bool:
+    pattern = o.pattern() if isinstance(o, ExpertRule) else o.pattern
+    return re.search(pattern, name) is not None
+
+
+def layer_devices(n_layers: int, n_gpu_layers: int | None, devices: Sequence[str],
+                  tensor_split: Sequence[float] | None = None) -> list[str]:
+    """Device of each layer 0..n_layers (the last entry is the output head), as llama.cpp assigns them.
+
+    llama.cpp puts the last `ngl` of the n_layers+1 layers on the accelerators, split across
+    devices in proportion to tensor_split (llama.cpp's own default splits by free memory; here
+    equal shares stand in for that).
+    """
+    ngl = n_layers + 1 if n_gpu_layers is None else n_gpu_layers
+    if not devices:
+        return ["CPU"] * (n_layers + 1)
+    start = max(n_layers + 1 - ngl, 0)
+    active = min(ngl, n_layers + 1)
+    split = list(tensor_split) if tensor_split else [1.0] * len(devices)
+    total = sum(split[: len(devices)]) or 1.0
+    bounds, acc = [], 0.0
+    for share in split[: len(devices)]:
+        acc += share / total
+        bounds.append(acc)
+    out = []
+    for il in range(n_layers + 1):
+        if il < start:
+            out.append("CPU")
+            continue
+        frac = (il - start) / active
+        idx = next((j for j, b in enumerate(bounds) if frac < b), len(devices) - 1)
+        out.append(devices[idx])
+    return out
+
+
+def tensor_buffer(t: TensorInfo, placement: Placement, layer_dev: Sequence[str]) -> str:
+    """The buffer type llama.cpp would give this tensor: first matching override, else its layer's device."""
+    for o in placement.overrides:
+        if _rule_matches(o, t.name):
+            return o.buft
+    n_layers = len(layer_dev) - 1
+    if t.layer is not None:
+        return layer_dev[min(t.layer, n_layers)]
+    if t.name.startswith("output"):
+        return layer_dev[n_layers]
+    return "CPU"
+
+
+def bytes_per_buffer(anatomy: Anatomy, placement: Placement, devices: Sequence[str] = ()) -> dict[str, int]:
+    """Weight bytes each buffer type holds under this placement (devices: accelerators, e.g. CUDA0, RPC0)."""
+    layer_dev = layer_devices(anatomy.facts.n_layers, placement.n_gpu_layers, devices, placement.tensor_split)
+    out: dict[str, int] = {}
+    for t in anatomy.tensors:
+        buft = tensor_buffer(t, placement, layer_dev)
+        out[buft] = out.get(buft, 0) + t.n_bytes
+    return out
+
+
+def tensors_by_buffer(anatomy: Anatomy, placement: Placement, devices: Sequence[str] = ()) -> dict[str, str]:
+    """Tensor name -> predicted buffer type, for checking against what llama.cpp reports."""
+    layer_dev = layer_devices(anatomy.facts.n_layers, placement.n_gpu_layers, devices, placement.tensor_split)
+    return {t.name: tensor_buffer(t, placement, layer_dev) for t in anatomy.tensors}
