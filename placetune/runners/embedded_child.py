@@ -1,0 +1,238 @@
+"""Child process of the embedded runner: load one placement through llama.cpp's C API and time pp and tg.
+
+Run as `python -m placetune.runners.embedded_child` with a JSON request on stdin. It writes one JSON
+result to stdout; llama.cpp's whole log (every level, so the DEBUG `buffer type overridden` lines
+too) goes to stderr for the parent to keep. A crash or out-of-memory here never reaches the search.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import resource
+import sys
+import time
+from typing import Any
+
+LOAD_MODES = {"auto": -1, "none": 0, "mmap": 1, "mlock": 2, "mmap+mlock": 3, "dio": 4}
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+
+
+class _BuftOverride(ctypes.Structure):
+    _fields_ = (("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p))
+
+
+class _Ggml:
+    """The few ggml backend-device calls that llama-cpp-python does not wrap."""
+
+    def __init__(self) -> None:
+        from llama_cpp._ggml import libggml
+
+        lib = libggml
+        vp, sz = ctypes.c_void_p, ctypes.c_size_t
+        for name, res, args in (
+            ("ggml_backend_dev_count", sz, []),
+            ("ggml_backend_dev_get", vp, [sz]),
+            ("ggml_backend_dev_name", ctypes.c_char_p, [vp]),
+            ("ggml_backend_dev_description", ctypes.c_char_p, [vp]),
+            ("ggml_backend_dev_buffer_type", vp, [vp]),
+            ("ggml_backend_buft_name", ctypes.c_char_p, [vp]),
+            ("ggml_backend_dev_memory", None, [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)]),
+        ):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        self.lib = lib
+
+    def devices(self) -> list[dict[str, Any]]:
+        out = []
+        for i in range(self.lib.ggml_backend_dev_count()):
+            dev = self.lib.ggml_backend_dev_get(i)
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            self.lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            buft = self.lib.ggml_backend_dev_buffer_type(dev)
+            out.append({
+                "name": self.lib.ggml_backend_dev_name(dev).decode(),
+                "description": self.lib.ggml_backend_dev_description(dev).decode(),
+                "buffer_type": self.lib.ggml_backend_buft_name(buft).decode() if buft else "",
+                "free": free.value,
+                "total": total.value,
+                "_buft": buft,
+            })
+        return out
+
+    def buffer_types(self) -> dict[str, int]:
+        """Buffer type by device name and by buffer-type name, as llama.cpp's -ot parser accepts both."""
+        table: dict[str, int] = {}
+        for d in self.devices():
+            if d["_buft"]:
+                table[d["buffer_type"]] = d["_buft"]
+                table.setdefault(d["name"], d["_buft"])
+        return table
+
+
+def _log_to_stderr() -> Any:
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    return callback  # keep a reference: ctypes callbacks must outlive their use
+
+
+def _fail(out: Any, status: str, reason: str) -> None:
+    out.write(json.dumps({"status": status, "reason": reason}) + "\n")
+    out.flush()
+    sys.exit(3)
+
+
+def run(request: dict[str, Any], out: Any) -> dict[str, Any]:
+    import llama_cpp
+
+    placement, workload = request["placement"], request["workload"]
+    llama_cpp.llama_backend_init()
+    ggml = _Ggml()
+    devices = ggml.devices()
+
+    mparams = llama_cpp.llama_model_default_params()
+    if placement.get("n_gpu_layers") is not None:
+        mparams.n_gpu_layers = placement["n_gpu_layers"]
+    if placement.get("load_mode") is not None:
+        mparams.load_mode = LOAD_MODES[placement["load_mode"]]
+    if placement.get("repack") is not None:
+        mparams.use_extra_bufts = bool(placement["repack"])
+    keep: list[Any] = []
+    if placement.get("tensor_split"):
+        n = llama_cpp.llama_max_devices()
+        split = (ctypes.c_float * n)(*placement["tensor_split"][:n])
+        keep.append(split)
+        mparams.tensor_split = split
+    rules = request["overrides"]
+    if rules:
+        bufts = ggml.buffer_types()
+        arr = (_BuftOverride * (len(rules) + 1))()
+        for i, (pattern, buft) in enumerate(rules):
+            if buft not in bufts:
+                _fail(out, "bad-args", f"unknown buffer type {buft!r}; this llama.cpp has {', '.join(sorted(bufts))}")
+            encoded = pattern.encode()
+            keep.append(encoded)
+            arr[i].pattern, arr[i].buft = encoded, bufts[buft]
+        keep.append(arr)
+        mparams.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
+
+    t0 = time.perf_counter()
+    model = llama_cpp.llama_model_load_from_file(request["model"].encode(), mparams)
+    if not model:
+        _fail(out, "error", "llama.cpp could not load the model (see the log)")
+    n_prompt, n_gen, depth = workload["n_prompt"], workload["n_gen"], workload["depth"]
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = max(placement.get("ctx") or 0, depth + n_prompt + n_gen)
+    cparams.n_batch = placement.get("batch") or cparams.n_batch
+    cparams.n_ubatch = placement.get("ubatch") or cparams.n_ubatch
+    threads = placement.get("threads") or request["default_threads"]
+    cparams.n_threads = cparams.n_threads_batch = threads
+    if placement.get("flash_attn") is not None:
+        cparams.flash_attn_type = FLASH_ATTN[placement["flash_attn"]]
+    for key, field in (("cache_type_k", "type_k"), ("cache_type_v", "type_v")):
+        if placement.get(key) is not None:
+            setattr(cparams, field, request["ggml_types"][key])
+    cparams.op_offload = not placement.get("no_op_offload", False)
+    cparams.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    if not ctx:
+        _fail(out, "error", "llama.cpp could not create a context (see the log)")
+    load_s = time.perf_counter() - t0
+
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    n_batch = cparams.n_batch
+    batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+    rng = random.Random(request.get("seed", 0))
+    memory = llama_cpp.llama_get_memory(ctx)
+
+    def decode(n_tokens: int, pos0: int) -> None:
+        done = 0
+        while done < n_tokens:
+            n = min(n_batch, n_tokens - done)
+            batch.n_tokens = n
+            for j in range(n):
+                batch.token[j] = rng.randrange(n_vocab)
+                batch.pos[j] = pos0 + done + j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = j == n - 1
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                _fail(out, "oom" if rc in (1, -2) else "error", f"llama_decode returned {rc}")
+            done += n
+
+    def prompt_pass(n: int) -> float:
+        llama_cpp.llama_memory_clear(memory, True)
+        if depth:
+            decode(depth, 0)
+            llama_cpp.llama_synchronize(ctx)
+        start = time.perf_counter()
+        decode(n, depth)
+        llama_cpp.llama_synchronize(ctx)
+        return time.perf_counter() - start
+
+    def gen_pass(n: int) -> float:
+        llama_cpp.llama_memory_clear(memory, True)
+        if depth:
+            decode(depth, 0)
+            llama_cpp.llama_synchronize(ctx)
+        start = time.perf_counter()
+        for i in range(n):
+            decode(1, depth + i)
+        llama_cpp.llama_synchronize(ctx)
+        return time.perf_counter() - start
+
+    for _ in range(workload["warmups"]):
+        if n_prompt:
+            prompt_pass(n_prompt)
+        if n_gen:
+            gen_pass(min(n_gen, 16))
+    pp, tg, measure_s = [], [], 0.0
+    for _ in range(workload["repetitions"]):
+        if n_prompt:
+            dt = prompt_pass(n_prompt)
+            pp.append(n_prompt / dt)
+            measure_s += dt
+        if n_gen:
+            dt = gen_pass(n_gen)
+            tg.append(n_gen / dt)
+            measure_s += dt
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return {
+        "status": "ok",
+        "pp": pp,
+        "tg": tg,
+        "load_s": load_s,
+        "measure_s": measure_s,
+        "threads": threads,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "devices": [{k: v for k, v in d.items() if not k.startswith("_")} for d in devices],
+        "build": {
+            "llama_cpp_python": llama_cpp.__version__,
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        },
+    }
+
+
+def main() -> None:
+    # llama.cpp may print to stdout; keep the real stdout for the JSON result only.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    callback = _log_to_stderr()
+    result = run(json.load(sys.stdin), out)
+    out.write(json.dumps(result) + "\n")
+    out.flush()
+    del callback
+
+
+if __name__ == "__main__":
+    main()

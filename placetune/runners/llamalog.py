@@ -1,0 +1,85 @@
+"""Reading llama.cpp's own log: where tensors landed, buffer sizes, and whether that matches the plan.
+
+Every runner sees the same log lines (embedded llama.cpp, llama-bench and llama-server share the
+model loader), so one parser and one checker serve all three.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from placetune.anatomy import Anatomy, read_anatomy
+from placetune.placement import ExpertRule, Placement
+
+_OVERRIDDEN = re.compile(r"tensor (\S+) \([^)]*\) buffer type overridden to (\S+)")
+_BUFFER_SIZE = re.compile(r"^\S+:\s+(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+) MiB", re.M)
+_BUILD = re.compile(r"^build: (\d+) \(([0-9a-f]+)\)", re.M)
+
+
+def overridden_tensors(log: str) -> dict[str, str]:
+    """Tensor name -> buffer type, for every `buffer type overridden` line llama.cpp printed."""
+    return {m.group(1): _device_of(m.group(2)) for m in _OVERRIDDEN.finditer(log)}
+
+
+def buffer_sizes(log: str) -> dict[str, dict[str, int]]:
+    """Kind (model, KV, compute, output) -> device -> bytes, from llama.cpp's buffer size lines."""
+    out: dict[str, dict[str, int]] = {}
+    for buft, kind, mib in _BUFFER_SIZE.findall(log):
+        dev = _device_of(buft)
+        sizes = out.setdefault(kind, {})
+        sizes[dev] = sizes.get(dev, 0) + round(float(mib) * 1024 * 1024)
+    return out
+
+
+def build_of(log: str) -> dict[str, str]:
+    """llama.cpp build number and commit from a binary's `build: N (commit)` line."""
+    m = _BUILD.search(log)
+    return {"build_number": m.group(1), "commit": m.group(2)} if m else {}
+
+
+def _device_of(buft: str) -> str:
+    """Device behind a buffer type name: CPU_Mapped/CPU_REPACK -> CPU, `RPC0[127.0.0.1:5]` -> RPC0."""
+    name = buft.split("[", 1)[0]
+    if name.startswith("CPU") or name == "CUDA_Host":
+        return "CPU"
+    return name
+
+
+def expected_overrides(anatomy: Anatomy, placement: Placement) -> tuple[dict[str, str], list[str]]:
+    """Tensor -> buffer type that the placement's -ot rules ask for, and the rules that match nothing."""
+    rules = [(o.pattern() if isinstance(o, ExpertRule) else o.pattern, o.buft) for o in placement.overrides]
+    compiled = [(re.compile(p), p, b) for p, b in rules]
+    asked: dict[str, str] = {}
+    used: set[int] = set()
+    for t in anatomy.tensors:
+        for i, (rx, _, buft) in enumerate(compiled):
+            if rx.search(t.name):
+                asked[t.name] = buft
+                used.add(i)
+                break
+    unmatched = [f"{p}={b}" for i, (_, p, b) in enumerate(compiled) if i not in used]
+    return asked, unmatched
+
+
+def check_placement(model: Path | str, placement: Placement, log: str) -> tuple[dict[str, str], list[str]]:
+    """Compare what llama.cpp reported with what the placement asked for; return reported map and issues."""
+    reported = overridden_tensors(log)
+    asked, unmatched = expected_overrides(read_anatomy(model), placement)
+    issues = [f"override {rule} matched no tensor in this model" for rule in unmatched]
+    wrong = [
+        f"{name}: asked for {buft}, llama.cpp put it on {reported.get(name, 'its layer device (no override applied)')}"
+        for name, buft in asked.items()
+        if reported.get(name) != _device_of(buft)
+    ]
+    stray = [f"{name}: overridden to {dev} though the placement did not ask for it"
+             for name, dev in reported.items() if name not in asked]
+    for group in (wrong, stray):
+        issues += group[:5]
+        if len(group) > 5:
+            issues.append(f"... and {len(group) - 5} more like that")
+    return reported, issues
+
+
+def log_tail(log: str, lines: int = 40) -> str:
+    return "\n".join(log.splitlines()[-lines:])
