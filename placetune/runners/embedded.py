@@ -12,11 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from placetune.errors import PlacetuneError
 from placetune.placement import ExpertRule, Placement, ggml_type_id
 from placetune.runners.base import OK, Measurement, Stats, Workload, classify_failure
 from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail
@@ -33,7 +35,8 @@ class EmbeddedRunner:
 
     name = "embedded"
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, rpc: Sequence[str] = (), seed: int = 0) -> None:
+        self.rpc = list(rpc)
         self.seed = seed
 
     def request(self, model: Path, placement: Placement, workload: Workload) -> dict[str, Any]:
@@ -47,6 +50,7 @@ class EmbeddedRunner:
             "workload": workload.to_dict(),
             "default_threads": default_threads(),
             "seed": self.seed,
+            "rpc": self.rpc,
         }
 
     def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
@@ -103,3 +107,21 @@ def _last_json(out: str | None) -> dict[str, Any]:
             except json.JSONDecodeError:
                 return {}
     return {}
+
+
+def probe_llama(rpc: Sequence[str] = (), timeout_s: float = 60.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The devices llama-cpp-python's llama.cpp sees (RPC servers included) and its build, from a child."""
+    request = json.dumps({"probe": True, "rpc": list(rpc)})
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "placetune.runners.embedded_child"],
+            input=request, capture_output=True, text=True, timeout=timeout_s, start_new_session=True,
+        )
+    except subprocess.TimeoutExpired:
+        where = f" (RPC {', '.join(rpc)})" if rpc else ""
+        raise PlacetuneError(f"llama.cpp device probe did not answer in {timeout_s:.0f} s{where}") from None
+    result = _last_json(proc.stdout)
+    if result.get("status") != OK:
+        status, reason = classify_failure(proc.returncode, proc.stderr)
+        raise PlacetuneError(f"llama.cpp device probe failed ({status}): {result.get('reason') or reason}")
+    return result["devices"], result["build"]

@@ -45,6 +45,22 @@ class _Ggml:
             fn.restype, fn.argtypes = res, args
         self.lib = lib
 
+    def add_rpc_servers(self, endpoints: list[str]) -> None:
+        """Register RPC servers as devices (RPC0, RPC1, ...), as llama.cpp's --rpc does."""
+        if not endpoints:
+            return
+        from llama_cpp._ggml import libggml_base_path
+
+        rpc = ctypes.CDLL(str(libggml_base_path / "libggml-rpc.so"))
+        rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+        rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+        self.lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
+        for endpoint in endpoints:
+            reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())
+            if not reg:
+                raise RuntimeError(f"RPC server {endpoint} could not be added")
+            self.lib.ggml_backend_register(reg)
+
     def devices(self) -> list[dict[str, Any]]:
         out = []
         for i in range(self.lib.ggml_backend_dev_count()):
@@ -56,9 +72,10 @@ class _Ggml:
                 "name": self.lib.ggml_backend_dev_name(dev).decode(),
                 "description": self.lib.ggml_backend_dev_description(dev).decode(),
                 "buffer_type": self.lib.ggml_backend_buft_name(buft).decode() if buft else "",
-                "free": free.value,
-                "total": total.value,
+                "free_bytes": free.value,
+                "total_bytes": total.value,
                 "_buft": buft,
+                "_dev": dev,
             })
         return out
 
@@ -92,11 +109,19 @@ def _fail(out: Any, status: str, reason: str) -> None:
 def run(request: dict[str, Any], out: Any) -> dict[str, Any]:
     import llama_cpp
 
-    placement, workload = request["placement"], request["workload"]
     llama_cpp.llama_backend_init()
     ggml = _Ggml()
+    ggml.add_rpc_servers(request.get("rpc", []))
     devices = ggml.devices()
+    build = {
+        "llama_cpp_python": llama_cpp.__version__,
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+    }
+    public_devices = [{k: v for k, v in d.items() if not k.startswith("_")} for d in devices]
+    if request.get("probe"):
+        return {"status": "ok", "devices": public_devices, "build": build}
 
+    placement, workload = request["placement"], request["workload"]
     mparams = llama_cpp.llama_model_default_params()
     if placement.get("n_gpu_layers") is not None:
         mparams.n_gpu_layers = placement["n_gpu_layers"]
@@ -105,6 +130,14 @@ def run(request: dict[str, Any], out: Any) -> dict[str, Any]:
     if placement.get("repack") is not None:
         mparams.use_extra_bufts = bool(placement["repack"])
     keep: list[Any] = []
+    if request.get("rpc"):
+        # llama.cpp's default device selection here skips RPC devices registered after start-up,
+        # so list them explicitly, in llama.cpp's own order: RPC servers first, then accelerators.
+        accel = [d for d in devices if d["name"] != "CPU"]
+        ordered = sorted(accel, key=lambda d: not d["name"].startswith("RPC"))
+        arr = (ctypes.c_void_p * (len(ordered) + 1))(*[d["_dev"] for d in ordered], None)
+        keep.append(arr)
+        mparams.devices = ctypes.cast(arr, ctypes.c_void_p)
     if placement.get("tensor_split"):
         n = llama_cpp.llama_max_devices()
         split = (ctypes.c_float * n)(*placement["tensor_split"][:n])
@@ -215,11 +248,8 @@ def run(request: dict[str, Any], out: Any) -> dict[str, Any]:
         "measure_s": measure_s,
         "threads": threads,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "devices": [{k: v for k, v in d.items() if not k.startswith("_")} for d in devices],
-        "build": {
-            "llama_cpp_python": llama_cpp.__version__,
-            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
-        },
+        "devices": public_devices,
+        "build": build,
     }
 
 

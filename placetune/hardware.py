@@ -1,0 +1,168 @@
+"""The machine: CPU, RAM, NVIDIA GPUs (pynvml) and the devices llama.cpp itself sees.
+
+Every result carries this as its fingerprint, so numbers from different hardware or llama.cpp
+builds are never compared silently. The fingerprint leaves out the hostname and free memory:
+identical nodes of a fleet share one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import socket
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One NVIDIA GPU as the driver reports it; bandwidth is the theoretical peak."""
+
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    driver: str
+    bus_width_bits: int
+    mem_clock_mhz: int
+
+    @property
+    def bandwidth_gbs(self) -> float:
+        """Bus width x memory clock x 2 (double data rate), in GB/s."""
+        return self.bus_width_bits / 8 * self.mem_clock_mhz * 1e6 * 2 / 1e9
+
+
+@dataclass(frozen=True)
+class LlamaDevice:
+    """A device as llama.cpp's ggml backend registry lists it (CPU, CUDA0, RPC0, ...)."""
+
+    name: str
+    description: str
+    buffer_type: str
+    free_bytes: int
+    total_bytes: int
+
+    @property
+    def is_accelerator(self) -> bool:
+        return not self.name.upper().startswith("CPU")
+
+
+@dataclass
+class Machine:
+    """What this machine is, for feasibility checks and as the fingerprint of every result."""
+
+    hostname: str
+    cpu_model: str
+    physical_cores: int
+    logical_cores: int
+    ram_total_bytes: int
+    ram_available_bytes: int
+    gpus: list[Gpu] = field(default_factory=list)
+    llama_devices: list[LlamaDevice] = field(default_factory=list)
+    llama_build: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accelerators(self) -> list[LlamaDevice]:
+        return [d for d in self.llama_devices if d.is_accelerator]
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the hardware and the llama.cpp build (no hostname, no free memory)."""
+        stable = {
+            "cpu": self.cpu_model,
+            "cores": [self.physical_cores, self.logical_cores],
+            "ram_gib": round(self.ram_total_bytes / 2**30),
+            "gpus": [(g.name, round(g.total_bytes / 2**30)) for g in self.gpus],
+            "devices": [(d.name, d.description) for d in self.llama_devices],
+            "llama": {k: v for k, v in self.llama_build.items() if k != "system_info"},
+        }
+        return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:12]
+
+    def short_name(self) -> str:
+        """A folder-friendly name: CPU (or first GPU) plus the fingerprint."""
+        base = self.gpus[0].name if self.gpus else self.cpu_model
+        slug = "".join(c if c.isalnum() else "-" for c in base).strip("-").lower()
+        while "--" in slug:
+            slug = slug.replace("--", "-")
+        return f"{slug[:40]}-{self.fingerprint()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fingerprint"] = self.fingerprint()
+        for g, gd in zip(self.gpus, d["gpus"], strict=True):
+            gd["bandwidth_gbs"] = g.bandwidth_gbs
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Machine:
+        d = {k: v for k, v in d.items() if k != "fingerprint"}
+        d["gpus"] = [Gpu(**{k: v for k, v in g.items() if k != "bandwidth_gbs"}) for g in d.get("gpus", [])]
+        d["llama_devices"] = [LlamaDevice(**x) for x in d.get("llama_devices", [])]
+        return cls(**d)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def probe_gpus() -> list[Gpu]:
+    """NVIDIA GPUs through pynvml; no driver or no library simply means no GPUs."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # pynvml raises NVMLError subclasses or OSError when no driver is installed
+        return []
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            gpus.append(
+                Gpu(
+                    index=i,
+                    name=_text(pynvml.nvmlDeviceGetName(h)),
+                    total_bytes=int(mem.total),
+                    free_bytes=int(mem.free),
+                    driver=_text(driver),
+                    bus_width_bits=int(pynvml.nvmlDeviceGetMemoryBusWidth(h)),
+                    mem_clock_mhz=int(pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)),
+                )
+            )
+        return gpus
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def probe_machine(rpc: Sequence[str] = ()) -> Machine:
+    """Probe everything; llama.cpp's device list comes from a child process, as measurements do."""
+    from placetune.runners.embedded import probe_llama
+
+    mem = psutil.virtual_memory()
+    devices, build = probe_llama(rpc)
+    return Machine(
+        hostname=socket.gethostname(),
+        cpu_model=cpu_model(),
+        physical_cores=psutil.cpu_count(logical=False) or 1,
+        logical_cores=psutil.cpu_count(logical=True) or 1,
+        ram_total_bytes=int(mem.total),
+        ram_available_bytes=int(mem.available),
+        gpus=probe_gpus(),
+        llama_devices=[LlamaDevice(**d) for d in devices],
+        llama_build=build,
+    )
