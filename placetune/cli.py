@@ -60,7 +60,7 @@ def synth(
     speed faithfully, not output quality.
     """
     from placetune import synth as gen
-    from placetune.views import human_bytes
+    from placetune.units import human_bytes
 
     overrides = {
         k: v

@@ -346,7 +346,7 @@ def python_kwargs(placement: Placement) -> dict[str, Any]:
     for name in ("cache_type_k", "cache_type_v"):
         value = getattr(placement, name)
         if value is not None:
-            kw["type_" + name[-1]] = _ggml_type_id(value)
+            kw["type_" + name[-1]] = ggml_type_id(value)
     if placement.overrides:
         kw["tensor_buft_overrides"] = [
             (o.pattern() if isinstance(o, ExpertRule) else o.pattern, o.buft) for o in placement.overrides
@@ -354,7 +354,7 @@ def python_kwargs(placement: Placement) -> dict[str, Any]:
     return kw
 
 
-def _ggml_type_id(name: str) -> int:
+def ggml_type_id(name: str) -> int:
     from gguf import GGMLQuantizationType
 
     return int(GGMLQuantizationType[name.upper()])

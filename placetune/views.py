@@ -8,25 +8,14 @@ from rich.table import Table
 from placetune.anatomy import Anatomy, column_of
 from placetune.placement import Placement, layer_devices, tensor_buffer
 from placetune.runners.base import Measurement, Workload
-
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.50 KiB'."""
-    value = float(n)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+from placetune.units import UNITS, human_bytes
 
 
 def _unit_for(n: float) -> tuple[float, str]:
     """One unit for a whole table, chosen from its largest cell, so columns stay narrow."""
     scale = 1.0
-    for unit in _UNITS:
-        if n < 1024 * scale * 10 or unit == _UNITS[-1]:
+    for unit in UNITS:
+        if n < 1024 * scale * 10 or unit == UNITS[-1]:
             return scale, unit
         scale *= 1024
     raise AssertionError("unreachable")
