@@ -19,7 +19,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Piped output (logs, CI) gets room for the tables instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
 
@@ -139,6 +140,107 @@ def bench(
         placement_table(anatomy, placement, devices, m.device_memory, console)
     if not m.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def hw(
+    rpc: RpcOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the machine record as JSON.")] = False,
+) -> None:
+    """CPU, RAM, NVIDIA GPUs and the devices llama.cpp sees: the fingerprint every result carries."""
+    from placetune.hardware import probe_machine
+    from placetune.views import machine_table
+
+    machine = probe_machine(_rpc_list(rpc))
+    if as_json:
+        typer.echo(json.dumps(machine.to_dict(), indent=2))
+    else:
+        machine_table(machine, console)
+
+
+@app.command()
+def search(
+    model: Annotated[Path, typer.Argument(help="GGUF model to place.")],
+    objective: Annotated[str, typer.Option(help="latency (time of a typical request), tg, pp, or pareto.")] = "latency",
+    n_trials: Annotated[int, typer.Option("--n-trials", help="Trials in the study (a resumed study counts its own).")] = 30,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Stop starting trials after this many seconds.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    space: Annotated[str | None, typer.Option(help="Search space: moe, dense, cpu or a .toml file (default: by model and hardware).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Pin a parameter, e.g. --set ctx=32768 (repeatable).")] = None,
+    budget: Annotated[list[str] | None, typer.Option("--budget", help="Memory budget per device, e.g. CUDA0=20GiB or RPC0=64MiB.")] = None,
+    min_pp: Annotated[float | None, typer.Option("--min-pp", help="Constraint: prompt processing of at least this many t/s.")] = None,
+    prompt_tokens: PromptOpt = 512,
+    gen_tokens: GenOpt = 128,
+    depth: DepthOpt = 0,
+    reps: RepsOpt = 5,
+    warmups: WarmOpt = 3,
+    trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="Seconds before one llama.cpp run is killed.")] = 900.0,
+    runner: RunnerOpt = "embedded",
+    llama_bin_dir: BinDirOpt = None,
+    rpc: RpcOpt = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite:///<out>/placetune.db).")] = None,
+    study_name: Annotated[str | None, typer.Option("--study-name", help="Default: model, header hash, machine fingerprint, objective.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Results root; files go to OUT/<model>/<machine>/.")] = Path("results"),
+    top_k: Annotated[int, typer.Option("--top-k", help="Candidates re-measured interleaved at the end.")] = 3,
+    no_screen: Annotated[bool, typer.Option("--no-screen", help="Give every trial all its repetitions.")] = False,
+) -> None:
+    """Search placements and knobs with real measurements; write the best as flags and a llama-server line.
+
+    Running the same command again resumes the study: finished trials are kept.
+    """
+    import optuna
+
+    from placetune.anatomy import read_anatomy
+    from placetune.hardware import probe_machine
+    from placetune.memory import parse_budgets
+    from placetune.results import results_dir, write_results
+    from placetune.runners import get_runner
+    from placetune.runners.base import Workload
+    from placetune.search import Search, SearchConfig
+    from placetune.space import resolve_space
+    from placetune.views import SearchProgress, search_summary
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial is reported on the progress line
+    anatomy = read_anatomy(model)
+    rpc_servers = _rpc_list(rpc)
+    machine = probe_machine(rpc_servers)
+    chosen = resolve_space(space, anatomy, bool(machine.accelerators))
+    for item in set_ or []:
+        if "=" not in item:
+            raise PlacetuneError(f"--set {item!r}: write it as NAME=VALUE, e.g. --set ctx=32768")
+        chosen.pin(*item.split("=", 1))
+    out.mkdir(parents=True, exist_ok=True)
+    config = SearchConfig(
+        model=model, anatomy=anatomy, machine=machine, space=chosen,
+        workload=Workload(prompt_tokens, gen_tokens, depth, reps, warmups, trial_timeout),
+        objective=objective, n_trials=n_trials, timeout_s=timeout, seed=seed,
+        storage=storage or f"sqlite:///{out / 'placetune.db'}", study_name=study_name,
+        budgets=parse_budgets(budget or []), min_pp=min_pp, top_k=top_k, screen=not no_screen,
+        rpc=rpc_servers, runner_name=runner,
+    )
+    measurer = get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers)
+    progress = SearchProgress(console)
+    engine = Search(config, measurer, on_trial=progress.update)
+    console.print(
+        f"[bold]placetune search[/] {model.name}: space {chosen.name}, objective {objective}, "
+        f"runner {runner}, study {engine.study.study_name} ({len(engine.study.trials)} trials so far)",
+        highlight=False,
+    )
+    for note in engine.enqueue_seeds():
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    with progress.running(engine):
+        engine.run()
+    if engine.stop_requested:
+        console.print("stopped after the current trial; run the same command again to resume", highlight=False)
+    finals = engine.final_measure()
+    if not finals:
+        raise PlacetuneError("no trial finished successfully; see trials.csv reasons (placetune inspect, bench)")
+    winner, measurement = finals[0]
+    record = engine.best_record(winner, measurement)
+    paths = write_results(results_dir(out, model.stem, machine.short_name()), engine.study, record)
+    search_summary(record, finals, config.workload, console)
+    for kind, path in paths.items():
+        console.print(f"{kind:>7}: {path}", highlight=False)
 
 
 def main() -> None:

@@ -270,7 +270,8 @@ def preset_spec(name: str, n_layers: int | None = None, quant: str | None = None
     if name not in PRESETS:
         raise PlacetuneError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     spec = PRESETS[name]
-    return replace(spec, n_layers=n_layers or spec.n_layers, quant=quant or spec.quant)
+    return replace(spec, n_layers=spec.n_layers if n_layers is None else n_layers,
+                   quant=spec.quant if quant is None else quant)
 
 
 def _add_spec_kv(w: GGUFWriter, s: SynthSpec) -> None:
@@ -310,7 +311,7 @@ def _add_spec_kv(w: GGUFWriter, s: SynthSpec) -> None:
 
 
 def _vocab_pieces() -> Iterator[str]:
-    """Unique SentencePiece pieces, each the join of two earlier ones, so SPM merges can reach them all."""
+    """Unique SentencePiece pieces; each longer one joins two earlier ones, so SPM merges can reach it."""
     yield "▁"
     yield from (chr(c) for c in range(0x21, 0x7F))
     letters = string.ascii_lowercase
@@ -431,6 +432,8 @@ def write_model(
     rng = np.random.default_rng(spec.seed)
     pools = _pools(plan, rng)
     done = 0
+    if out.exists() and not out.is_file():
+        raise PlacetuneError(f"{out} exists and is not a regular file; pass a path for a new .gguf file")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(out.parent).free
@@ -503,7 +506,9 @@ def spec_like_gguf(path: str | Path, n_layers: int | None = None) -> LikeFile:
         raise PlacetuneError(f"{path}: no such file; pass the path of a .gguf model")
     readers = [_read_gguf(p) for p in _shard_paths(path)]
     fields = readers[0].fields
-    arch = fields["general.architecture"].contents()
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else "?"
+    if f"{arch}.block_count" not in fields:
+        raise PlacetuneError(f"{path.name} has no {arch}.block_count; only llama.cpp text models can be copied")
     old_layers = int(fields[f"{arch}.block_count"].contents())
     n_layers = old_layers if n_layers is None else n_layers
     if not 1 <= n_layers <= old_layers:

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from optuna.trial import FrozenTrial
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from placetune.anatomy import Anatomy, column_of
 from placetune.placement import Placement, layer_devices, tensor_buffer
 from placetune.runners.base import Measurement, Workload
 from placetune.units import UNITS, human_bytes
+
+if TYPE_CHECKING:
+    from placetune.hardware import Machine
+    from placetune.search import Search
 
 
 def _unit_for(n: float) -> tuple[float, str]:
@@ -125,3 +144,98 @@ def placement_table(anatomy: Anatomy, placement: Placement, devices: list[str], 
         cells = (human_bytes(reported[b]) if b in reported else "-" for b in bufts)
         table.add_row("[bold]llama.cpp reported[/]", *cells)
     console.print(table)
+
+
+def machine_table(machine: Machine, console: Console) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("fingerprint", machine.fingerprint())
+    cores = f"{machine.physical_cores} physical / {machine.logical_cores} logical cores"
+    grid.add_row("cpu", f"{machine.cpu_model} ({cores})")
+    ram = f"{human_bytes(machine.ram_total_bytes)} total, {human_bytes(machine.ram_available_bytes)} available"
+    grid.add_row("ram", ram)
+    if not machine.gpus:
+        grid.add_row("nvidia gpus", "none (no NVIDIA driver or no GPU)")
+    for g in machine.gpus:
+        grid.add_row(f"gpu {g.index}", f"{g.name}, {human_bytes(g.free_bytes)} free of {human_bytes(g.total_bytes)}, "
+                     f"{g.bandwidth_gbs:.0f} GB/s theoretical, driver {g.driver}")
+    build = ", ".join(f"{k} {v}" for k, v in machine.llama_build.items() if k != "system_info")
+    grid.add_row("llama.cpp", build)
+    console.print(grid)
+    table = Table(title="devices llama.cpp sees")
+    for col in ("device", "description", "buffer type", "free", "total"):
+        table.add_column(col)
+    for d in machine.llama_devices:
+        table.add_row(d.name, d.description, d.buffer_type, human_bytes(d.free_bytes), human_bytes(d.total_bytes))
+    console.print(table)
+
+
+class SearchProgress:
+    """A progress bar: trial k of N, the current best pp/tg, and the ETA."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[best]}"), console=console,
+        )
+        self.task: TaskID | None = None
+
+    @contextmanager
+    def running(self, search: Search) -> Iterator[None]:
+        total = search.config.n_trials
+        done = total - search.remaining()
+        with self.progress:
+            self.task = self.progress.add_task("trials", total=total, completed=done, best=self._best(search))
+            yield
+
+    def update(self, trial: FrozenTrial, search: Search) -> None:
+        if self.task is None:
+            return
+        ua = trial.user_attrs
+        seed = f" [{ua['seed_name']}]" if ua.get("seed_name") else ""
+        if trial.state.name == "COMPLETE":
+            what = f"pp {ua.get('pp') or 0:.1f} tg {ua.get('tg') or 0:.1f}"
+        else:
+            what = f"{trial.state.name.lower()}: {ua.get('reason', '')[:90]}"
+        self.progress.console.print(f"trial {trial.number}{seed}: {ua.get('flags', '')} -> {what}",
+                                    highlight=False, markup=False)
+        self.progress.update(self.task, completed=search.config.n_trials - search.remaining(), best=self._best(search))
+
+    @staticmethod
+    def _best(search: Search) -> str:
+        ranked = search.ranked()
+        if not ranked:
+            return "best: -"
+        ua = ranked[0].user_attrs
+        return f"best: pp {ua.get('pp') or 0:.1f} tg {ua.get('tg') or 0:.1f} t/s"
+
+
+def search_summary(record: dict[str, Any], finals: list[tuple[FrozenTrial, Measurement]], workload: Workload,
+                   console: Console) -> None:
+    """The winner against each baseline, with ratios and spreads, then the llama-server line."""
+    m = record["measurement"]
+    pp, tg = m["pp"]["median"], m["tg"]["median"]
+    table = Table(title=f"best placement vs baselines (pp{workload.n_prompt}, tg{workload.n_gen}, measured)")
+    for col in ("placement", "pp t/s", "± spread", "tg t/s", "± spread", "best/this pp", "best/this tg"):
+        table.add_column(col, justify="right" if col != "placement" else "left")
+    table.add_row(f"[bold]best (trial {record['study']['winner_trial']})[/]", f"{pp:.2f}", f"{m['pp']['spread']:.1%}",
+                  f"{tg:.2f}", f"{m['tg']['spread']:.1%}", "1.00", "1.00")
+    failed = []
+    for b in record["baselines"]:
+        if b["pp"] and b["tg"] and b["state"] == "COMPLETE":
+            table.add_row(b["name"], f"{b['pp']:.2f}", f"{(b['pp_spread'] or 0):.1%}", f"{b['tg']:.2f}",
+                          f"{(b['tg_spread'] or 0):.1%}", f"{pp / b['pp']:.2f}", f"{tg / b['tg']:.2f}")
+        else:
+            table.add_row(b["name"], f"[dim]{b['state'].lower()}[/]", "", "", "", "", "")
+            failed.append(f"{b['name']}: {b['reason']}")
+    console.print(table)
+    for line in failed:
+        console.print(f"[dim]{line}[/]", highlight=False)
+    if len(finals) > 1:
+        console.print("final interleaved re-measure: " + ", ".join(
+            f"trial {t.number} pp {fm.pp.median:.1f} tg {fm.tg.median:.1f}" for t, fm in finals), highlight=False)
+    console.print("[bold]flags:[/] " + record["flags"], highlight=False, markup=True)
+    console.print("[bold]llama-server:[/]", highlight=False)
+    console.print(shlex.join(record["server_command"]), highlight=False, markup=False, soft_wrap=True)

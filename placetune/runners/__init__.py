@@ -1,0 +1,37 @@
+"""Runners measure a placement with real llama.cpp; this picks one by the name the CLI takes.
+
+Imports are inside get_runner so that the embedded runner's child process, which imports this
+package, does not pay for the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from placetune.errors import PlacetuneError
+from placetune.runners.base import Runner
+
+RUNNERS = ("embedded", "llama-bench", "llama-server")
+
+
+def get_runner(name: str, *, bin_dir: str | Path | None = None, rpc: Sequence[str] = ()) -> Runner:
+    """The runner called `name`; bin_dir (--llama-bin-dir) and rpc (RPC servers) go to the binary runners."""
+    if name == "embedded":
+        if rpc:
+            raise PlacetuneError(
+                "the embedded runner cannot use RPC devices; RPC placement uses the llama-bench or "
+                "llama-server runners (--runner llama-bench)"
+            )
+        from placetune.runners.embedded import EmbeddedRunner
+
+        return EmbeddedRunner()
+    if name == "llama-bench":
+        from placetune.runners.llama_bench import LlamaBenchRunner
+
+        return LlamaBenchRunner(bin_dir=bin_dir, rpc=rpc)
+    if name == "llama-server":
+        from placetune.runners.llama_server import LlamaServerRunner
+
+        return LlamaServerRunner(bin_dir=bin_dir, rpc=rpc)
+    raise PlacetuneError(f"unknown runner {name!r}; choose one of {', '.join(RUNNERS)}")

@@ -6,6 +6,7 @@ numbers came from embedded llama.cpp, llama-bench or llama-server.
 
 from __future__ import annotations
 
+import re
 import signal
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -145,7 +146,11 @@ def classify_failure(returncode: int | None, log: str, timed_out: bool = False) 
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        return CRASH, f"llama.cpp was killed by {name}: " + _last_meaningful(log)
+        hint = ""
+        if re.search(r"^\S+:\s+AMX model buffer size", log, re.M):
+            hint = ("; llama.cpp was using its AMX buffer type, which crashes on some CPUs and VMs "
+                    "(llama.cpp issue 20824): try --no-repack")
+        return CRASH, f"llama.cpp was killed by {name}{hint}"
     last = _last_meaningful(log)
     return ERROR, f"llama.cpp exited with status {returncode}: {last}" if returncode else last
 

@@ -1,0 +1,103 @@
+"""The llama-bench runner: a placement measured by llama.cpp's own benchmark tool, exactly as users run it.
+
+pp and tg are llama-bench's two tests (`-p n_prompt -n n_gen -d depth -r repetitions`), read from its
+JSONL output, so numbers here match what `llama-bench` prints for the same flags and build.
+Warm-ups: llama-bench runs one untimed warm-up pass per test (a full prompt for pp, one token for tg);
+warmups=0 turns it off with --no-warmup, and each warm-up beyond the first is one more repetition
+whose samples are dropped, so the kept samples come after `warmups` passes in the same process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from placetune.placement import Placement, render_bench_command
+from placetune.runners.base import BAD_ARGS, ERROR, OK, Measurement, Stats, Workload, classify_failure
+from placetune.runners.binaries import binary_build, find_binary, run_to_end
+from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail
+
+# Process flags, not placement: -v prints the DEBUG `buffer type overridden` lines the check reads.
+VERBOSE = "-v"
+NO_WARMUP = "--no-warmup"
+
+
+class LlamaBenchRunner:
+    """Runs llama-bench once per measurement and keeps its per-repetition samples."""
+
+    name = "llama-bench"
+
+    def __init__(self, bin_dir: str | Path | None = None, rpc: Sequence[str] = ()) -> None:
+        self.bin_dir = bin_dir
+        self.rpc = tuple(rpc)
+
+    def command(self, model: Path, placement: Placement, workload: Workload) -> list[str]:
+        """The exact llama-bench command line a measurement runs."""
+        binary = find_binary("llama-bench", self.bin_dir)
+        cmd = render_bench_command(
+            str(model), placement, binary=str(binary), n_prompt=workload.n_prompt, n_gen=workload.n_gen,
+            depth=workload.depth, repetitions=workload.repetitions + _extra_warmups(workload), rpc=self.rpc,
+            output="jsonl",
+        )
+        return [*cmd, VERBOSE] + ([NO_WARMUP] if workload.warmups == 0 else [])
+
+    def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
+        command = self.command(model, placement, workload)
+        run = run_to_end(command, workload.timeout_s)
+        m = Measurement(runner=self.name, status=ERROR, command=command, wall_s=run.wall_s,
+                        log_tail=log_tail(run.log), peak_rss_bytes=run.peak_rss_bytes)
+        m.build = binary_build(command[0])
+        m.device_memory = buffer_sizes(run.log).get("model", {})
+        tests = _jsonl(run.stdout)
+        if run.timed_out or run.returncode != 0 or not tests:
+            m.status, m.reason = classify_failure(run.returncode, run.log, run.timed_out)
+            if m.status == BAD_ARGS:
+                m.reason = _error_lines(run.log) or m.reason
+            elif m.status == ERROR and run.returncode == 0:
+                m.reason = "llama-bench printed no results: " + m.reason
+            return m
+        drop = _extra_warmups(workload)
+        pp = [t for t in tests if t.get("n_prompt", 0) > 0 and t.get("n_gen", 0) == 0]
+        tg = [t for t in tests if t.get("n_gen", 0) > 0 and t.get("n_prompt", 0) == 0]
+        if (workload.n_prompt and not pp) or (workload.n_gen and not tg):
+            m.reason = f"llama-bench printed {len(tests)} result lines but not the pp and tg tests asked for"
+            return m
+        m.status = OK
+        if pp:
+            m.pp = Stats(tuple(pp[0]["samples_ts"][drop:]), workload.n_prompt)
+        if tg:
+            m.tg = Stats(tuple(tg[0]["samples_ts"][drop:]), workload.n_gen)
+        m.measure_s = sum(ns for t in pp[:1] + tg[:1] for ns in t["samples_ns"][drop:]) / 1e9
+        first = tests[0]
+        m.build.update(
+            build_number=first.get("build_number"), commit=first.get("build_commit"),
+            backends=[b for b in str(first.get("backends", "")).split(",") if b] or m.build.get("backends"),
+            cpu_info=first.get("cpu_info"), gpu_info=first.get("gpu_info"),
+            threads=first.get("n_threads"),
+        )
+        m.tensor_buffers, m.placement_issues = check_placement(model, placement, run.log)
+        return m
+
+
+def _extra_warmups(workload: Workload) -> int:
+    return max(workload.warmups - 1, 0)
+
+
+def _jsonl(out: str) -> list[dict[str, Any]]:
+    tests = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                tests.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return tests
+
+
+def _error_lines(log: str) -> str:
+    """llama-bench's `error: ...` lines joined: the first says what was wrong, before its usage dump."""
+    lines = dict.fromkeys(line.strip() for line in log.splitlines() if line.lower().startswith("error"))
+    return "; ".join(lines)[:300]
