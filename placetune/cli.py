@@ -245,6 +245,8 @@ def search(
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a pipe (tee, CI logs) as they happen
     try:
         app()
     except PlacetuneError as exc:

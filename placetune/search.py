@@ -28,12 +28,13 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from placetune.anatomy import Anatomy
 from placetune.errors import PlacetuneError
 from placetune.hardware import Machine
 from placetune.memory import DEFAULT_MARGIN, FitVerdict, check_fit, predict_memory
-from placetune.placement import Placement, render_flags, render_server_command
+from placetune.placement import Placement, bytes_per_buffer, render_flags, render_server_command
 from placetune.runners.base import Measurement, Runner, Stats, Workload
 from placetune.space import SearchSpace, facts_for, to_placement
 
@@ -146,7 +147,7 @@ class Search:
                 study_name=name, storage=c.storage, load_if_exists=True,
                 directions=directions(c.objective), sampler=sampler,
             )
-        except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as exc:
+        except (ValueError, ImportError, optuna.exceptions.StorageInternalError, SQLAlchemyError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise PlacetuneError(f"cannot open storage {c.storage!r}: {first}") from None
         attrs = study.user_attrs
@@ -195,19 +196,32 @@ class Search:
             experts = {"cpu_moe_position": "first", "cpu_moe_kinds": "all"}
             seeds["all experts in RAM (-ngl all --cpu-moe)"] = {
                 **defaults, **experts, "cpu_moe_layers": f["n_moe_layers"]}
-            fit = self._fullest_fitting_n_cpu_moe(defaults)
+            fit = self._fullest_fit(defaults)
             if fit is not None:
-                seeds[f"fewest experts in RAM that fit (--n-cpu-moe {fit})"] = {
-                    **defaults, **experts, "cpu_moe_layers": fit}
+                seeds[f"fullest fit by the memory model (-ngl {fit['n_gpu_layers']} "
+                      f"--n-cpu-moe {fit['cpu_moe_layers']})"] = fit
         return seeds
 
-    def _fullest_fitting_n_cpu_moe(self, defaults: dict[str, Any]) -> int | None:
-        """Smallest --n-cpu-moe the memory model says fits: the bandwidth model's pick (most bytes on the GPU)."""
-        for n in range(self.facts["n_moe_layers"] + 1):
-            params = {**defaults, "cpu_moe_layers": n, "cpu_moe_position": "first", "cpu_moe_kinds": "all"}
-            if self.feasibility(to_placement(params, self.config.anatomy)).fits:
-                return n
-        return None
+    def _fullest_fit(self, defaults: dict[str, Any]) -> dict[str, Any] | None:
+        """The fitting (-ngl, --n-cpu-moe) pair with the most bytes on the accelerators.
+
+        Token generation reads every active byte once, so with bandwidth as the bottleneck the
+        placement that keeps the most weight on the fast device is the model's best guess.
+        """
+        c = self.config
+        best: tuple[int, dict[str, Any]] | None = None
+        for ngl in range(self.facts["n_gpu_layers_max"], -1, -1):
+            for n in range(self.facts["n_moe_layers"] + 1):
+                params = {**defaults, "n_gpu_layers": ngl, "cpu_moe_layers": n,
+                          "cpu_moe_position": "first", "cpu_moe_kinds": "all"}
+                placement = to_placement(params, c.anatomy)
+                if self.feasibility(placement).fits:
+                    weights = bytes_per_buffer(c.anatomy, placement, c.devices)
+                    on_accel = sum(b for d, b in weights.items() if d != "CPU")
+                    if best is None or on_accel > best[0]:
+                        best = (on_accel, params)
+                    break  # more experts in RAM only moves bytes off the accelerator
+        return best[1] if best else None
 
     def enqueue_seeds(self) -> list[str]:
         """Enqueue the seeds a fresh study has not run yet; return notes on any that were skipped."""

@@ -101,6 +101,17 @@ def _binary_help(path: str, _mtime_ns: int) -> str:
     return done.stdout + done.stderr
 
 
+def exit_status(proc: subprocess.Popen[Any]) -> int | None:
+    """The child's exit status if it has exited, without reaping it: its pid, which is also its process
+    group id, stays reserved, so the group can still be signalled safely."""
+    if proc.returncode is not None:
+        return proc.returncode
+    info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
 def reap(proc: subprocess.Popen[Any], deadline: float | None = None) -> int | None:
     """Wait for the child until `deadline` (time.monotonic) and reap it; its peak RSS in bytes, None on timeout.
 

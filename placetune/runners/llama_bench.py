@@ -51,11 +51,15 @@ class LlamaBenchRunner:
         m.build = binary_build(command[0])
         m.device_memory = buffer_sizes(run.log).get("model", {})
         tests = _jsonl(run.stdout)
+        # llama-bench prints argument errors to stdout, and drops a bad -ot without failing when more
+        # flags follow it, so an `error:` line there fails the measurement whatever the exit status.
+        said = _error_lines("\n".join(line for line in run.stdout.splitlines() if not line.startswith("{")))
+        if said and not run.timed_out:
+            m.status, m.reason = BAD_ARGS, "; ".join(filter(None, (said, _error_lines(run.log))))[:300]
+            return m
         if run.timed_out or run.returncode != 0 or not tests:
             m.status, m.reason = classify_failure(run.returncode, run.log, run.timed_out)
-            if m.status == BAD_ARGS:
-                m.reason = _error_lines(run.log) or m.reason
-            elif m.status == ERROR and run.returncode == 0:
+            if run.returncode == 0 and not run.timed_out:
                 m.reason = "llama-bench printed no results: " + m.reason
             return m
         drop = _extra_warmups(workload)
@@ -98,6 +102,5 @@ def _jsonl(out: str) -> list[dict[str, Any]]:
 
 
 def _error_lines(log: str) -> str:
-    """llama-bench's `error: ...` lines joined: the first says what was wrong, before its usage dump."""
-    lines = dict.fromkeys(line.strip() for line in log.splitlines() if line.lower().startswith("error"))
-    return "; ".join(lines)[:300]
+    """The `error: ...` lines of llama-bench output, joined: they say what was wrong, unlike its usage dump."""
+    return "; ".join(dict.fromkeys(line.strip() for line in log.splitlines() if line.lower().startswith("error")))

@@ -1,0 +1,188 @@
+"""Placement: rendered regexes select exactly the intended tensors, and flags round-trip."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from placetune.anatomy import read_anatomy
+from placetune.errors import PlacetuneError
+from placetune.placement import (
+    ALL_EXPERT_KINDS,
+    ExpertRule,
+    Placement,
+    RawOverride,
+    bytes_per_buffer,
+    layers_regex,
+    parse_flags,
+    python_kwargs,
+    render_args,
+    render_flags,
+    render_ot,
+    render_server_command,
+)
+
+N_LAYERS = 64
+NON_EXPERT = ["attn_q.weight", "attn_norm.weight", "ffn_gate_inp.weight", "ffn_up.weight", "ffn_up_shexp.weight",
+              "ffn_gate_shexp.weight", "exp_probs_b.bias", "ffn_norm.weight"]
+NAMES = (
+    ["token_embd.weight", "output.weight", "output_norm.weight"]
+    + [f"blk.{i}.ffn_{k}_exps.{s}" for i in range(N_LAYERS) for k in ALL_EXPERT_KINDS for s in ("weight", "bias")]
+    + [f"blk.{i}.{leaf}" for i in range(N_LAYERS) for leaf in NON_EXPERT]
+)
+
+layer_sets = st.sets(st.integers(0, N_LAYERS - 1), min_size=1, max_size=N_LAYERS)
+kind_sets = st.sets(st.sampled_from(ALL_EXPERT_KINDS), min_size=1)
+rules = st.builds(
+    ExpertRule,
+    layers=st.one_of(st.none(), layer_sets.map(tuple)),
+    kinds=kind_sets.map(tuple),
+    buft=st.sampled_from(["CPU", "CUDA0", "RPC0"]),
+    include_bias=st.booleans(),
+)
+placements = st.builds(
+    Placement,
+    n_gpu_layers=st.one_of(st.none(), st.integers(0, 999)),
+    overrides=st.lists(rules, max_size=3).map(tuple),
+    threads=st.one_of(st.none(), st.integers(1, 64)),
+    batch=st.one_of(st.none(), st.sampled_from([512, 2048])),
+    ubatch=st.one_of(st.none(), st.sampled_from([128, 512, 2048])),
+    flash_attn=st.one_of(st.none(), st.sampled_from(["on", "off", "auto"])),
+    cache_type_k=st.one_of(st.none(), st.sampled_from(["f16", "q8_0"])),
+    cache_type_v=st.one_of(st.none(), st.sampled_from(["f16", "q4_0"])),
+    load_mode=st.one_of(st.none(), st.sampled_from(["none", "mmap", "auto"])),
+    no_op_offload=st.booleans(),
+    repack=st.one_of(st.none(), st.booleans()),
+)
+
+
+def intended(rule: ExpertRule, name: str) -> bool:
+    m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate_up|gate|up|down)_exps\.(weight|bias)", name)
+    if not m:
+        return False
+    layer, kind, suffix = int(m[1]), m[2], m[3]
+    in_layers = rule.layers is None or layer in rule.layers
+    return in_layers and kind in rule.kinds and (suffix == "weight" or rule.include_bias)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rules)
+def test_rendered_regex_selects_exactly_the_intended_tensors(rule: ExpertRule) -> None:
+    rx = re.compile(rule.pattern())  # llama.cpp applies -ot with regex *search*, not full match
+    selected = {n for n in NAMES if rx.search(n)}
+    assert selected == {n for n in NAMES if intended(rule, n)}
+
+
+@settings(max_examples=150, deadline=None)
+@given(layer_sets)
+def test_layer_regex_matches_exactly_those_layers(layers: set[int]) -> None:
+    rx = re.compile(rf"^blk\.{layers_regex(layers)}\.")
+    assert {i for i in range(300) if rx.search(f"blk.{i}.x")} == layers
+
+
+@settings(max_examples=200, deadline=None)
+@given(placements)
+def test_parse_render_round_trip(p: Placement) -> None:
+    assert parse_flags(render_flags(p)) == p
+    assert parse_flags(shlex.join(render_server_command("m.gguf", p))) == p
+
+
+@settings(max_examples=100, deadline=None)
+@given(placements)
+def test_bench_spelling_round_trips_the_overrides(p: Placement) -> None:
+    back = parse_flags(render_args(p, "bench"))
+    # llama-bench has no -c; everything else survives, --cpu-moe included (written as a regex).
+    assert back.overrides == p.overrides or render_ot(back) == render_ot(p)
+    assert (back.threads, back.ubatch, back.flash_attn, back.repack) == (p.threads, p.ubatch, p.flash_attn, p.repack)
+
+
+def test_compact_regex_and_n_cpu_moe() -> None:
+    p = Placement(n_gpu_layers=99, overrides=(
+        ExpertRule(layers=tuple(range(10, 24)), kinds=("gate", "up"), include_bias=False),
+        ExpertRule(layers=(0, 1, 2)),
+    ))
+    assert render_flags(p) == r"-ngl 99 -ot 'blk\.(1[0-9]|2[0-3])\.ffn_(gate|up)_exps\.weight=CPU' --n-cpu-moe 3"
+    bench = render_args(p, "bench")
+    assert bench[bench.index("-ncmoe") + 1] == "3"
+    # --n-cpu-moe is only used when it is the last rule: llama.cpp appends it after every -ot.
+    swapped = Placement(overrides=tuple(reversed(p.overrides)))
+    assert "--n-cpu-moe" not in render_flags(swapped)
+    assert parse_flags(render_flags(swapped)) == swapped
+
+
+def test_several_rules_join_with_comma_for_server_and_semicolon_for_bench() -> None:
+    p = Placement(overrides=(ExpertRule(layers=(1,), kinds=("down",)), RawOverride(r"attn_.*", "CPU")))
+    server = render_args(p, "server")
+    assert server[server.index("-ot") + 1].count(",") == 1
+    bench = render_args(p, "bench")
+    assert bench[bench.index("-ot") + 1].count(";") == 1
+
+
+def test_hand_written_regexes_are_read_as_expert_rules() -> None:
+    p = parse_flags(r"-ngl 99 -ot '\.ffn_.*_exps\.=CPU'")
+    assert p.overrides == (ExpertRule(layers=None, kinds=ALL_EXPERT_KINDS, buft="CPU", include_bias=True),)
+    p = parse_flags(r"-ot 'blk\.(2[0-9]|3[0-9])\.ffn_(up|gate)_exps=CPU'")
+    assert p.overrides[0].layers == tuple(range(20, 40))
+    assert p.overrides[0].kinds == ("gate", "up")
+    # A rule that also catches non-expert tensors stays a raw rule, applied verbatim.
+    p = parse_flags(r"-ot 'blk\.1\.ffn_.*=CPU'")
+    assert p.overrides == (RawOverride(r"blk\.1\.ffn_.*", "CPU"),)
+
+
+def test_older_spellings_are_read() -> None:
+    p = parse_flags("llama-server -m x.gguf --port 8080 -ngl all --no-mmap -fa 1 --cpu-moe -nr")
+    assert p.load_mode == "none" and p.flash_attn == "on" and p.repack is False
+    assert p.overrides == (ExpertRule(layers=None),)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("-ngl lots", "-ngl takes a number"),
+        ("-ot nobuffer", "has no '=BUFTYPE'"),
+        ("-ot '(=CPU'", "not a valid regex"),
+        ("--mystery 3", "unsupported llama.cpp flag"),
+        ("-fa maybe", "takes on, off or auto"),
+        ("-t", "needs a value"),
+        ("-ctk q9_9", "KV cache type"),
+    ],
+)
+def test_bad_flags_say_what_is_wrong(flags: str, message: str) -> None:
+    with pytest.raises(PlacetuneError, match=re.escape(message)):
+        parse_flags(flags)
+
+
+def test_python_kwargs() -> None:
+    kw = python_kwargs(parse_flags("-ngl 20 -t 8 -ub 1024 -fa on -ctk q8_0 --no-mmap --n-cpu-moe 2"))
+    assert kw["n_gpu_layers"] == 20 and kw["n_threads"] == 8 and kw["n_ubatch"] == 1024
+    assert kw["flash_attn"] is True and kw["use_mmap"] is False and kw["type_k"] == 8
+    assert kw["tensor_buft_overrides"] == [(r"blk\.[0-1]\.ffn_(gate|up|down|gate_up)_exps", "CPU")]
+
+
+def test_bytes_per_buffer_follows_llama_cpp_layer_rules(tiny_moe: Path) -> None:
+    a = read_anatomy(tiny_moe)
+    n = a.facts.n_layers
+    assert bytes_per_buffer(a, Placement(n_gpu_layers=0), ["RPC0"]) == {"CPU": a.total_bytes}
+    everything = bytes_per_buffer(a, Placement(n_gpu_layers=n + 1), ["RPC0"])
+    embd = sum(t.n_bytes for t in a.tensors if t.name == "token_embd.weight")
+    assert everything == {"CPU": embd, "RPC0": a.total_bytes - embd}  # the input embedding always stays on CPU
+    pinned = bytes_per_buffer(a, parse_flags(f"-ngl {n + 1} --cpu-moe"), ["RPC0"])
+    assert pinned["CPU"] == embd + a.expert_bytes
+    assert sum(pinned.values()) == a.total_bytes
+    # -ngl 1 offloads only the output head; -ngl 2 also the last repeating layer.
+    last = sum(t.n_bytes for t in a.tensors if t.layer == n - 1)
+    head = sum(t.n_bytes for t in a.tensors if t.name.startswith("output"))
+    assert bytes_per_buffer(a, Placement(n_gpu_layers=1), ["RPC0"])["RPC0"] == head
+    assert bytes_per_buffer(a, Placement(n_gpu_layers=2), ["RPC0"])["RPC0"] == head + last
+
+
+def test_placement_json_round_trip() -> None:
+    p = parse_flags(r"-ngl 30 -ot 'blk\.[0-3]\.ffn_down_exps\.weight=CPU' -ot 'attn=CPU' -ts 3,1 -ub 512")
+    assert Placement.from_dict(p.to_dict()) == p
+    with pytest.raises(PlacetuneError, match="unknown keys"):
+        Placement.from_dict({"ngl": 3})
