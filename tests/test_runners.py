@@ -203,9 +203,8 @@ def test_binary_build_reads_version_and_backends() -> None:
     assert "version" in build and "commit" in build and "CPU" in build["backends"]
 
 
-def test_get_runner_rejects_unknown_names_and_embedded_rpc() -> None:
+def test_get_runner_by_name() -> None:
     with pytest.raises(PlacetuneError, match="llama-bench, llama-server"):
         get_runner("llamafile")
-    with pytest.raises(PlacetuneError, match="RPC"):
-        get_runner("embedded", rpc=["127.0.0.1:50052"])
-    assert get_runner("llama-bench", rpc=["127.0.0.1:50052"]).name == "llama-bench"
+    for name in ("embedded", "llama-bench", "llama-server"):
+        assert get_runner(name, rpc=["127.0.0.1:50052"]).name == name

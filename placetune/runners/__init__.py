@@ -18,14 +18,9 @@ RUNNERS = ("embedded", "llama-bench", "llama-server")
 def get_runner(name: str, *, bin_dir: str | Path | None = None, rpc: Sequence[str] = ()) -> Runner:
     """The runner called `name`; bin_dir (--llama-bin-dir) and rpc (RPC servers) go to the binary runners."""
     if name == "embedded":
-        if rpc:
-            raise PlacetuneError(
-                "the embedded runner cannot use RPC devices; RPC placement uses the llama-bench or "
-                "llama-server runners (--runner llama-bench)"
-            )
         from placetune.runners.embedded import EmbeddedRunner
 
-        return EmbeddedRunner()
+        return EmbeddedRunner(rpc=rpc)
     if name == "llama-bench":
         from placetune.runners.llama_bench import LlamaBenchRunner
 
