@@ -90,7 +90,9 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds before one
 
 
 def _rpc_list(rpc: str | None) -> list[str]:
-    return [s.strip() for s in rpc.split(",") if s.strip()] if rpc else []
+    from placetune.hardware import rpc_endpoints
+
+    return rpc_endpoints(rpc)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

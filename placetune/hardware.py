@@ -17,6 +17,8 @@ from typing import Any
 
 import psutil
 
+from placetune.errors import PlacetuneError
+
 
 @dataclass(frozen=True)
 class Gpu:
@@ -166,3 +168,23 @@ def probe_machine(rpc: Sequence[str] = ()) -> Machine:
         llama_devices=[LlamaDevice(**d) for d in devices],
         llama_build=build,
     )
+
+
+def rpc_endpoints(text: str | None, timeout_s: float = 3.0) -> list[str]:
+    """Parse --rpc HOST:PORT[,HOST:PORT] and check each answers, so a dead endpoint is one line, not a hang."""
+    if not text:
+        return []
+    endpoints = [e.strip() for e in text.split(",") if e.strip()]
+    for endpoint in endpoints:
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise PlacetuneError(f"--rpc {endpoint!r}: write it as HOST:PORT, e.g. 127.0.0.1:50052")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise PlacetuneError(
+                f"RPC server {endpoint} is unreachable ({reason}); start it there with "
+                f"`ggml-rpc-server -H {host} -p {port}` or fix --rpc"
+            ) from None
+    return endpoints

@@ -8,7 +8,7 @@ with the prediction so the margin can be calibrated.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -106,13 +106,15 @@ class FitVerdict:
                 "need": {k: {**asdict(v), "total": v.total} for k, v in self.need.items()}}
 
 
-def check_fit(need: Mapping[str, DeviceNeed], capacity: Mapping[str, int], margin: int = DEFAULT_MARGIN) -> FitVerdict:
-    """Compare predicted needs with capacities (a budget or free memory); CPU gets no margin."""
+def check_fit(need: Mapping[str, DeviceNeed], capacity: Mapping[str, int], margin: int = DEFAULT_MARGIN,
+              budgeted: Collection[str] = ()) -> FitVerdict:
+    """Compare predicted needs with capacities. Free memory an accelerator reports loses a safety margin;
+    CPU RAM and budgets the user set (`budgeted`) are taken as given."""
     reasons = []
     for dev, n in sorted(need.items()):
         if dev not in capacity or n.total == 0:
             continue
-        room = capacity[dev] - (0 if dev == "CPU" else margin)
+        room = capacity[dev] - (0 if dev == "CPU" or dev in budgeted else margin)
         if n.total > room:
             reasons.append(
                 f"{dev}: predicted {human_bytes(n.total)} (weights {human_bytes(n.weights)}, KV {human_bytes(n.kv)}, "

@@ -243,7 +243,7 @@ class Search:
     def feasibility(self, placement: Placement) -> FitVerdict:
         c = self.config
         need = predict_memory(c.anatomy, placement, c.devices, c.n_ctx)
-        return check_fit(need, c.capacity(), c.margin)
+        return check_fit(need, c.capacity(), c.margin, budgeted=set(c.budgets))
 
     def _measured_before(self, flags: str) -> optuna.trial.FrozenTrial | None:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +92,34 @@ def llama_generate() -> Callable[..., dict[str, Any]]:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     return generate
+
+
+@pytest.fixture(scope="session")
+def rpc_server() -> Iterator[str]:
+    """A real second device for the session: ggml-rpc-server on a free loopback port, stopped at the end."""
+    from placetune.runners.binaries import find_binary
+    from placetune.runners.llama_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(find_binary("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ggml-rpc-server did not start on port {port}") from None
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
