@@ -31,6 +31,7 @@ test: install
 demo: install
 	$(PLACETUNE) synth $(DEMO_DIR)/tiny-moe.gguf --arch qwen3moe --layers 4 --quant q8_0
 	$(PLACETUNE) inspect $(DEMO_DIR)/tiny-moe.gguf
+	$(PLACETUNE) search $(DEMO_DIR)/tiny-moe.gguf --out $(DEMO_DIR) --n-trials 24 -p 64 -n 16 -r 3 --warmups 1
 
 bench: install
 	$(PY) -m placetune.benchmarks --out results/bench

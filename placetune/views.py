@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from placetune.search import Search
 
 
+NOISY = 0.05  # relative spread above which a measurement is flagged (see the notes on measuring)
+
+
 def _unit_for(n: float) -> tuple[float, str]:
     """One unit for a whole table, chosen from its largest cell, so columns stay narrow."""
     scale = 1.0
@@ -118,8 +121,15 @@ def measurement_table(m: Measurement, workload: Workload, console: Console) -> N
         facts.append(f"peak RSS {human_bytes(m.peak_rss_bytes)}")
     facts.append(f"wall {m.wall_s:.2f} s, of which measured {m.measure_s:.2f} s")
     console.print(", ".join(facts), highlight=False)
+    noisy = [name for name, stats in (("pp", m.pp), ("tg", m.tg)) if stats.spread > NOISY]
+    if noisy:
+        console.print(f"[yellow]noisy:[/] {' and '.join(noisy)} spread above {NOISY:.0%}; differences smaller than "
+                      "that are not real. Close other programs, or add --reps/--warmups.", highlight=False)
     for issue in m.placement_issues:
         console.print(f"[yellow]placement check:[/] {issue}", highlight=False)
+    if not m.placement_issues:
+        console.print(f"placement check: llama.cpp reported {len(m.tensor_buffers)} overridden tensor(s), "
+                      "all where the placement asked", highlight=False)
 
 
 def placement_table(anatomy: Anatomy, placement: Placement, devices: list[str], reported: dict[str, int],
