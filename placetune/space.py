@@ -221,10 +221,17 @@ def to_placement(params: dict[str, Any], anatomy: Anatomy) -> Placement:
             chosen = layers[start : start + n_cpu]
         else:
             chosen = layers[:n_cpu]
+        # Layers not offloaded keep their experts in RAM anyway: a rule for them changes nothing, and
+        # dropping it lets identical placements be recognised (and measured once).
+        ngl = params.get("n_gpu_layers")
+        if ngl is not None:
+            first_offloaded = anatomy.facts.n_layers + 1 - int(ngl)
+            chosen = [layer for layer in chosen if layer >= first_offloaded]
         kinds = _KIND_SETS[params.get("cpu_moe_kinds", "all")]
         # With all kinds and the first N layers this is exactly --n-cpu-moe N (biases included).
         all_kinds = kinds == _KIND_SETS["all"]
-        overrides = (ExpertRule(layers=tuple(chosen), kinds=kinds, buft="CPU", include_bias=all_kinds),)
+        if chosen:
+            overrides = (ExpertRule(layers=tuple(chosen), kinds=kinds, buft="CPU", include_bias=all_kinds),)
     knobs = {k: params[k] for k in ("n_gpu_layers", "threads", "batch", "ubatch", "flash_attn", "cache_type_k",
                                      "cache_type_v", "load_mode", "repack", "ctx") if k in params}
     return Placement(overrides=overrides, no_op_offload=bool(params.get("no_op_offload", False)), **knobs)
