@@ -84,7 +84,7 @@ def bench_search_efficiency(model: Path, rpc: str, n_trials: int) -> dict[str, A
     """Exhaustive grid, then search, on one space, one runner, one workload, in one session."""
     anatomy = read_anatomy(model)
     machine = probe_machine([rpc])
-    runner = get_runner("embedded", rpc=[rpc])
+    runner = get_runner("embedded", rpc=[rpc], reuse=True)  # both grid and search keep models loaded
     space = _grid_space(anatomy.facts.n_layers)
     n = anatomy.facts.n_layers
     combos = list(itertools.product(range(n + 2), range(n + 1), (64, 256)))
@@ -111,6 +111,7 @@ def bench_search_efficiency(model: Path, rpc: str, n_trials: int) -> dict[str, A
         search.run()
         finals = search.final_measure()
         search_s = time.perf_counter() - started
+    runner.close()
     winner_flags = finals[0][0].user_attrs["flags"]
     best_grid_flags = min(grid, key=grid.__getitem__)
     # Judge both winners on the grid's own measurements, so noise between sessions does not decide.

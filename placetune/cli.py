@@ -180,11 +180,15 @@ def search(
     runner: RunnerOpt = "embedded",
     llama_bin_dir: BinDirOpt = None,
     rpc: RpcOpt = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite:///<out>/placetune.db).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite:///<out>/placetune.db); postgresql://USER:PASS@HOST/DB lets workers on several hosts share one study.")] = None,
     study_name: Annotated[str | None, typer.Option("--study-name", help="Default: model, header hash, machine fingerprint, objective.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Results root; files go to OUT/<model>/<machine>/.")] = Path("results"),
     top_k: Annotated[int, typer.Option("--top-k", help="Candidates re-measured interleaved at the end.")] = 3,
     no_screen: Annotated[bool, typer.Option("--no-screen", help="Give every trial all its repetitions.")] = False,
+    heartbeat: Annotated[int, typer.Option("--heartbeat", min=1, help="Seconds between a worker's heartbeats in the storage.")] = 60,
+    grace: Annotated[int | None, typer.Option("--grace", min=1, help="Seconds without a heartbeat before a worker's trial is failed and retried (default: 3 x --heartbeat).")] = None,
+    allow_mixed_hardware: Annotated[bool, typer.Option("--allow-mixed-hardware", help="Join a study measured on another machine fingerprint (each trial records its own).")] = False,
+    allow_colocated_workers: Annotated[bool, typer.Option("--allow-colocated-workers", help="Allow a second worker of the study on this host (only with CPU cores and devices isolated per worker).")] = False,
 ) -> None:
     """Search placements and knobs with real measurements; write the best as flags and a llama-server line.
 
@@ -218,9 +222,10 @@ def search(
         objective=objective, n_trials=n_trials, timeout_s=timeout, seed=seed,
         storage=storage or f"sqlite:///{out / 'placetune.db'}", study_name=study_name,
         budgets=parse_budgets(budget or []), min_pp=min_pp, top_k=top_k, screen=not no_screen,
-        rpc=rpc_servers, runner_name=runner,
+        rpc=rpc_servers, runner_name=runner, heartbeat_s=heartbeat, grace_s=grace,
+        allow_mixed_hardware=allow_mixed_hardware, allow_colocated=allow_colocated_workers,
     )
-    measurer = get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers)
+    measurer = get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers, reuse=True)
     progress = SearchProgress(console)
     engine = Search(config, measurer, on_trial=progress.update)
     console.print(
@@ -228,13 +233,17 @@ def search(
         f"runner {runner}, study {engine.study.study_name} ({len(engine.study.trials)} trials so far)",
         highlight=False,
     )
-    for note in engine.enqueue_seeds():
+    for note in [*engine.notes, *engine.enqueue_seeds()]:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
-    with progress.running(engine):
-        engine.run()
-    if engine.stop_requested:
-        console.print("stopped after the current trial; run the same command again to resume", highlight=False)
-    finals = engine.final_measure()
+    try:
+        with progress.running(engine):
+            engine.run()
+        if engine.stop_requested:
+            console.print("stopped after the current trial; run the same command again to resume", highlight=False)
+        finals = engine.final_measure()
+    finally:
+        if hasattr(measurer, "close"):
+            measurer.close()
     if not finals:
         raise PlacetuneError("no trial finished successfully; see trials.csv reasons (placetune inspect, bench)")
     winner, measurement = finals[0]
@@ -243,6 +252,214 @@ def search(
     search_summary(record, finals, config.workload, console)
     for kind, path in paths.items():
         console.print(f"{kind:>7}: {path}", highlight=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def predict(
+    ctx: typer.Context,
+    model: Annotated[Path | None, typer.Argument(help="GGUF model (not needed with --what-if).")] = None,
+    gpu_bw: Annotated[float | None, typer.Option("--gpu-bw", help="GPU bandwidth in GB/s (default: pynvml's theoretical peak).")] = None,
+    ram_bw: Annotated[float | None, typer.Option("--ram-bw", help="RAM bandwidth in GB/s (default: a measured 256 MiB read, under 1 s).")] = None,
+    bw: Annotated[list[str] | None, typer.Option("--bw", help="One device's bandwidth, e.g. RPC0=25 or CPU=80 (repeatable).")] = None,
+    rpc: RpcOpt = None,
+    measured: Annotated[Path | None, typer.Option("--measured", help="best.json or `bench --json` output: its placement, and measured/predicted.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the prediction as JSON.")] = False,
+    what_if: Annotated[bool, typer.Option("--what-if", help="Hypothetical model and machine, no GGUF: needs --active-params, --common-fraction, --bits.")] = False,
+    active_params: Annotated[float | None, typer.Option("--active-params", help="What-if: parameters read per token, e.g. 3.3e9.")] = None,
+    common_fraction: Annotated[float | None, typer.Option("--common-fraction", help="What-if: non-expert share of the active parameters.")] = None,
+    bits: Annotated[float | None, typer.Option("--bits", help="What-if: bits per weight, e.g. 4.5 for Q4_K_M.")] = None,
+    experts_on_gpu: Annotated[float, typer.Option("--experts-on-gpu", help="What-if: share of expert bytes on the GPU.")] = 0.0,
+    second_gpu_bw: Annotated[float | None, typer.Option("--second-gpu-bw", help="What-if: a second GPU's GB/s; prints how much it helps.")] = None,
+) -> None:
+    """Predicted tg (bandwidth roofline) of a placement, with the per-device share of each token's time.
+
+    Example: placetune predict model.gguf -- -ngl 99 --n-cpu-moe 20
+    """
+    from placetune import predict as pm
+
+    if what_if:
+        if model is not None or ctx.args or measured is not None:
+            raise PlacetuneError("--what-if takes no model, placement flags or --measured; it needs no GGUF")
+        if active_params is None or common_fraction is None or bits is None:
+            raise PlacetuneError("--what-if needs --active-params, --common-fraction and --bits")
+        ram = ram_bw if ram_bw is not None else pm.probe_ram_bandwidth()
+        p = pm.what_if(active_params, common_fraction, bits, gpu_bw, ram, experts_on_gpu)
+        rows = None
+        if second_gpu_bw is not None:
+            if gpu_bw is None:
+                raise PlacetuneError("--second-gpu-bw needs --gpu-bw for the first GPU")
+            rows = pm.second_gpu_table(active_params, common_fraction, bits, gpu_bw, ram, experts_on_gpu, second_gpu_bw)
+        if as_json:
+            doc = {"what_if": p.to_dict()}
+            if rows:
+                doc["second_gpu"] = [{"experts_on_second_gpu": s, **q.to_dict()} for s, q in rows]
+            typer.echo(json.dumps(doc, indent=2))
+            return
+        console.print(pm.prediction_table(p, "what-if"))
+        if rows:
+            console.print(pm.second_gpu_view(rows))
+        return
+    if model is None:
+        raise PlacetuneError("give a GGUF model, or --what-if with hypothetical numbers")
+    from placetune.anatomy import read_anatomy
+    from placetune.hardware import probe_gpus
+    from placetune.placement import parse_flags
+
+    anatomy = read_anatomy(model)
+    measured_tg = None
+    n_rpc = len([s for s in (rpc or "").split(",") if s.strip()])  # only counted: predict contacts no server
+    if measured is not None:
+        placement, measured_tg, best_rpc = pm.load_measured(measured)
+        if ctx.args and parse_flags(ctx.args) != placement:
+            raise PlacetuneError(f"the flags after -- differ from the placement measured in {measured}; drop one")
+        n_rpc = n_rpc or best_rpc
+    else:
+        placement = parse_flags(ctx.args)
+    overrides = pm.parse_bandwidths(bw or [])
+    gpus = probe_gpus()
+    devices = pm.devices_for(gpus, n_rpc, list(overrides), hypothetical_gpu=gpu_bw is not None)
+    bandwidths = pm.resolve_bandwidths(devices, gpus, ram_gbs=ram_bw, gpu_gbs=gpu_bw, overrides=overrides)
+    if as_json:
+        typer.echo(json.dumps({"placement": placement.to_dict(), "devices": devices,
+                               "predicted": pm.prediction_record(anatomy, placement, devices, bandwidths, measured_tg)},
+                              indent=2))
+        return
+    p = pm.predict_tg(anatomy, placement, devices, bandwidths)
+    console.print(pm.prediction_table(p, model.name, measured_tg))
+    console.print("token_embd counts one row per token (get_rows); KV-cache reads and latencies are not in the model",
+                  style="dim", highlight=False)
+
+
+@app.command()
+def report(
+    results: Annotated[str, typer.Argument(help="A search's results folder (best.json, trials.csv), its placetune.db, or a storage URL.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for report.html and the PNGs (default: RESULTS/report).")] = None,
+    history: Annotated[Path | None, typer.Option("--history", help="A `placetune regress` history SQLite file to plot.")] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Study name, when the storage holds several.")] = None,
+    ram_bw: Annotated[float | None, typer.Option("--ram-bw", help="RAM GB/s for the predicted tg (default: as recorded, else probed here).")] = None,
+    bw: Annotated[list[str] | None, typer.Option("--bw", help="One device's GB/s for the predicted tg, e.g. RPC0=25 (repeatable).")] = None,
+) -> None:
+    """One self-contained HTML page (opens offline) plus PNGs: history, pp vs tg, importances, predicted tg."""
+    from placetune.predict import parse_bandwidths
+    from placetune.report import write_report
+
+    files = write_report(results, out, history=history, study_name=study, ram_gbs=ram_bw,
+                         bandwidth_overrides=parse_bandwidths(bw or []) or None)
+    console.print(f"report: {files.html}", highlight=False)
+    for png in files.pngs:
+        console.print(f"   png: {png}", highlight=False)
+
+
+@app.command()
+def export(
+    result: Annotated[str, typer.Argument(help="A best.json, a results folder, or a study name (looked up in --storage).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="server, bench, flags, ot, python, llama-swap or json.")] = "server",
+    host: Annotated[str, typer.Option("--host", help="Address the server line binds to.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option("--port", help="Port for the server line (default: llama-server's own).")] = None,
+    storage: Annotated[str | None, typer.Option("--storage", help="Optuna storage URL for a study name (default: sqlite:///results/placetune.db).")] = None,
+) -> None:
+    """Print a search result ready to paste: shell-quoted command lines, Python arguments, a llama-swap entry or JSON.
+
+    Example: placetune export results/model/machine --format llama-swap >> llama-swap.yaml
+    """
+    from placetune.export import export as render
+    from placetune.export import load_result
+
+    typer.echo(render(load_result(result, storage), fmt, host=host, port=port))
+
+
+@app.command()
+def verify(
+    result: Annotated[str, typer.Argument(help="A best.json, a results folder, or a study name (looked up in --storage).")],
+    rpc: RpcOpt = None,
+    llama_bin_dir: BinDirOpt = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds for the server to start and answer (default: the search's).")] = None,
+    storage: Annotated[str | None, typer.Option("--storage", help="Optuna storage URL for a study name (default: sqlite:///results/placetune.db).")] = None,
+) -> None:
+    """Start the exported llama-server line as printed, measure it with the search's workload, compare with the search.
+
+    Exits 0 when the comparison ran, also when it lands outside the noise band (it says so); 2 on errors.
+    """
+    from placetune.export import load_result
+    from placetune.hardware import probe_machine
+    from placetune.verify import comparison_table
+    from placetune.verify import verify as run_verify
+
+    plan = load_result(result, storage)
+    rpc_servers = _rpc_list(rpc) if rpc else None
+    machine = probe_machine(rpc_servers if rpc_servers is not None else plan.data.get("rpc") or [])
+
+    def launching(line: str) -> None:
+        console.print(f"launching: {line}", highlight=False, markup=False, soft_wrap=True)
+
+    outcome = run_verify(plan, bin_dir=llama_bin_dir, rpc=rpc_servers, timeout_s=timeout, fingerprint=machine.fingerprint(),
+                         on_launch=launching)
+    console.print(comparison_table(outcome))
+    for note in outcome.notes:
+        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+def regress(
+    suite: Annotated[Path | None, typer.Argument(help="Suite .toml (cases: name, model, flags or best, workload) or a results folder of best.json files.")] = None,
+    history: Annotated[str, typer.Option("--history", help="History store: a SQLite file path or a SQLAlchemy URL (postgresql://...).")] = "results/history.db",
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here: one testcase per case and metric.")] = None,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown summary here.")] = None,
+    runner: Annotated[str | None, typer.Option("--runner", help="Runner for cases that name none: embedded (default), llama-bench, llama-server.")] = None,
+    llama_bin_dir: BinDirOpt = None,
+    rpc: RpcOpt = None,
+    baseline: Annotated[str, typer.Option("--baseline", help="recent: median of the last --last runs; pinned: the run pinned with --pin.")] = "recent",
+    last: Annotated[int, typer.Option("--last", help="Runs in a recent baseline (same machine fingerprint, build, runner, workload).")] = 5,
+    threshold: Annotated[float, typer.Option("--threshold", help="Smallest change that counts, relative (0.05 = 5%).")] = 0.05,
+    noise_factor: Annotated[float, typer.Option("--noise-factor", help="A change must also exceed this many times the case's relative spread.")] = 3.0,
+    no_confirm: Annotated[bool, typer.Option("--no-confirm", help="Do not re-measure a case to confirm a drop.")] = False,
+    show: Annotated[str | None, typer.Option("--show", help="Print the stored history of CASE and exit.")] = None,
+    pin: Annotated[str | None, typer.Option("--pin", help="Pin the latest run of CASE as its baseline for --baseline pinned, and exit.")] = None,
+) -> None:
+    """Re-measure a suite, append it to the history, and flag drops beyond both the threshold and the noise.
+
+    Rows are compared only with runs on the same machine fingerprint, llama.cpp build, runner and workload;
+    anything else says what changed and starts a new baseline. A drop must replicate on a re-measure.
+    Exit codes: 0 no regression, 1 regression, 2 a case could not run (or another error).
+    Pinned baselines: `placetune regress --pin CASE` pins CASE's latest run, then run with --baseline pinned.
+    """
+    from placetune import regress as rg
+
+    if show is not None or pin is not None:
+        if suite is not None:
+            raise PlacetuneError("--show and --pin read the history only; drop SUITE")
+        store = rg.History(history)
+        try:
+            if show is not None:
+                console.print(rg.history_table(store, show))
+            if pin is not None:
+                rows = store.pin(pin)
+                rates = ", ".join(f"{r.metric} {r.median:.1f} t/s" for r in rows)
+                console.print(f"pinned {pin} run of {rows[0].time:%Y-%m-%d %H:%M} UTC ({rates}; machine {rows[0].fingerprint}, build {rows[0].build})", highlight=False)
+        finally:
+            store.close()
+        return
+    if suite is None:
+        raise PlacetuneError("give a SUITE (.toml or results folder), or --show CASE / --pin CASE")
+    settings = rg.Settings(last=last, baseline=baseline, threshold=threshold, noise_factor=noise_factor, confirm=not no_confirm,
+                           runner=runner or "embedded", bin_dir=llama_bin_dir, rpc=tuple(_rpc_list(rpc)))
+
+    def progress(case: rg.Case, outcomes: list[rg.Outcome]) -> None:
+        console.print(f"{case.name}: " + "; ".join(f"{o.metric} {o.status}" for o in outcomes), highlight=False, markup=False)
+
+    result = rg.regress(suite, history, settings, on_case=progress)
+    console.print(rg.report_table(result))
+    for o in result.outcomes:
+        if o.status == rg.ERROR:
+            console.print(f"error: {o.message}", style="red", highlight=False, markup=False, soft_wrap=True)
+    console.print(result.summary(), highlight=False)
+    if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        rg.junit_xml(result).write(junit, encoding="utf-8", xml_declaration=True)
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(rg.markdown(result), encoding="utf-8")
+    raise typer.Exit(result.exit_code)
 
 
 def main() -> None:

@@ -15,12 +15,14 @@ from placetune.runners.base import Runner
 RUNNERS = ("embedded", "llama-bench", "llama-server")
 
 
-def get_runner(name: str, *, bin_dir: str | Path | None = None, rpc: Sequence[str] = ()) -> Runner:
-    """The runner called `name`; bin_dir (--llama-bin-dir) and rpc (RPC servers) go to the binary runners."""
+def get_runner(name: str, *, bin_dir: str | Path | None = None, rpc: Sequence[str] = (),
+               reuse: bool = False) -> Runner:
+    """The runner called `name`. bin_dir (--llama-bin-dir) goes to the binary runners; reuse lets the
+    embedded runner keep a model loaded between measurements that differ only in context knobs."""
     if name == "embedded":
         from placetune.runners.embedded import EmbeddedRunner
 
-        return EmbeddedRunner(rpc=rpc)
+        return EmbeddedRunner(rpc=rpc, reuse=reuse)
     if name == "llama-bench":
         from placetune.runners.llama_bench import LlamaBenchRunner
 

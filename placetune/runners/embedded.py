@@ -1,13 +1,19 @@
-"""The default runner: llama.cpp embedded through llama-cpp-python, one fresh child process per measurement.
+"""The default runner: llama.cpp embedded through llama-cpp-python, in a child process.
 
-A fresh process per measurement means a crash, an out-of-memory abort or leaked memory costs one
-trial, never the search, and that every measurement starts from the same cold state.
+By default every measurement gets a fresh child, so a crash, an out-of-memory abort or leaked
+memory costs one measurement, never the caller, and each starts from the same cold state. With
+reuse=True (the search) the child keeps the model loaded while the model-level placement (layers,
+overrides, load mode, repack, RPC) stays the same: screening's remaining repetitions and
+context-only knobs (threads, batch, ubatch, flash attention, KV types) then cost no reload. A
+child that fails is always discarded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import selectors
 import subprocess
 import sys
 import tempfile
@@ -21,6 +27,7 @@ import psutil
 from placetune.errors import PlacetuneError
 from placetune.placement import ExpertRule, Placement, ggml_type_id
 from placetune.runners.base import OK, Measurement, Stats, Workload, classify_failure
+from placetune.runners.embedded_child import model_key
 from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail
 from placetune.runners.process import kill_group
 
@@ -35,9 +42,11 @@ class EmbeddedRunner:
 
     name = "embedded"
 
-    def __init__(self, rpc: Sequence[str] = (), seed: int = 0) -> None:
+    def __init__(self, rpc: Sequence[str] = (), seed: int = 0, reuse: bool = False) -> None:
         self.rpc = list(rpc)
         self.seed = seed
+        self.reuse = reuse
+        self._worker: _Worker | None = None
 
     def request(self, model: Path, placement: Placement, workload: Workload) -> dict[str, Any]:
         overrides = [(o.pattern() if isinstance(o, ExpertRule) else o.pattern, o.buft) for o in placement.overrides]
@@ -54,48 +63,121 @@ class EmbeddedRunner:
         }
 
     def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
-        command = [sys.executable, "-m", "placetune.runners.embedded_child"]
+        request = self.request(model, placement, workload)
+        key = model_key(request)
+        if not (self.reuse and self._worker and self._worker.key == key and self._worker.alive()):
+            self.close()
+            self._worker = _Worker(key)
+        worker = self._worker
         started = time.perf_counter()
-        with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as log_file:
-            proc = subprocess.Popen(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
-                text=True, start_new_session=True,
-            )
-            timed_out = False
-            try:
-                out, _ = proc.communicate(json.dumps(self.request(model, placement, workload)), workload.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                kill_group(proc)
-                out, _ = proc.communicate()
-            except BaseException:
-                kill_group(proc)
-                proc.wait()
-                raise
-            log_file.seek(0)
-            log = log_file.read()
+        try:
+            result, timed_out = worker.ask(request, workload.timeout_s)
+        except BaseException:
+            self.close()
+            raise
         wall = time.perf_counter() - started
-        result = _last_json(out)
-        m = Measurement(runner=self.name, status="error", command=command, wall_s=wall, log_tail=log_tail(log))
+        log = worker.log()
+        m = Measurement(runner=self.name, status="error", command=worker.command, wall_s=wall,
+                        log_tail=log_tail(log))
         m.device_memory = buffer_sizes(log).get("model", {})
-        if result.get("status") == OK and proc.returncode == 0:
+        if result.get("status") == OK:
             m.status = OK
             m.pp = Stats(tuple(result["pp"]), workload.n_prompt)
             m.tg = Stats(tuple(result["tg"]), workload.n_gen)
             m.load_s = result["load_s"]
             m.measure_s = result["measure_s"]
             m.peak_rss_bytes = result["peak_rss_bytes"]
-            m.build = {**result["build"], "devices": result["devices"], "threads": result["threads"]}
+            m.build = {**result["build"], "devices": result["devices"], "threads": result["threads"],
+                       "reused_model": result["reused_model"]}
             m.tensor_buffers, m.placement_issues = check_placement(model, placement, log)
-        elif result.get("status") and not timed_out:
+            if not self.reuse:
+                self.close()
+            return m
+        returncode = worker.stop()
+        self._worker = None
+        if result.get("status") and not timed_out:
             m.status, m.reason = result["status"], result["reason"]
             if m.status != "bad-args":
-                status, reason = classify_failure(proc.returncode, log)
+                status, reason = classify_failure(returncode, log)
                 if status == "oom":
                     m.status, m.reason = status, reason
         else:
-            m.status, m.reason = classify_failure(proc.returncode, log, timed_out)
+            m.status, m.reason = classify_failure(returncode, log, timed_out)
+        m.log_tail = log_tail(worker.log())
+        worker.close_log()
         return m
+
+    def close(self) -> None:
+        """Stop the child that holds a loaded model, if any (it also exits when this process dies)."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker.close_log()
+            self._worker = None
+
+
+class _Worker:
+    """One embedded_child process: requests and answers as JSON lines, its log in a temporary file."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.command = [sys.executable, "-m", "placetune.runners.embedded_child"]
+        # Lives as long as the child; stop() closes it.
+        self.log_file = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file,
+            start_new_session=True,
+        )
+        self.pending = b""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def ask(self, request: dict[str, Any], timeout_s: float) -> tuple[dict[str, Any], bool]:
+        """Send one request and wait for its answer; ({}, True) when the deadline passes."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return {}, False
+        deadline = time.monotonic() + timeout_s
+        fd = self.proc.stdout.fileno()
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self.pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return {}, True
+                if not sel.select(remaining):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:  # the child died: the log says why
+                    return {}, False
+                self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return _last_json(line.decode(errors="replace")), False
+
+    def log(self) -> str:
+        self.log_file.flush()
+        self.log_file.seek(0)
+        return self.log_file.read()
+
+    def stop(self) -> int | None:
+        """Close the child's input (it exits) or kill its group; return its exit status."""
+        if self.proc.stdin and not self.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            kill_group(self.proc)
+            self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def close_log(self) -> None:
+        self.log_file.close()
 
 
 def _last_json(out: str | None) -> dict[str, Any]:
