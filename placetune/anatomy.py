@@ -7,15 +7,18 @@ inspects in about a second. Tensor names follow llama.cpp's conventions (`blk.N.
 from __future__ import annotations
 
 import hashlib
+import math
+import mmap
 import os
 import re
+import struct
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from placetune.errors import PlacetuneError
 
@@ -199,7 +202,107 @@ def shard_paths(path: Path) -> list[Path]:
     return paths
 
 
-def _open(path: Path) -> GGUFReader:
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+    offset: int  # from the start of the data section
+
+    @property
+    def n_bytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.ggml_type]
+        return math.prod(self.shape) * size // block
+
+
+@dataclass
+class _Header:
+    """What placetune needs from a GGUF header: scalar metadata, array lengths, the tensor table."""
+
+    fields: dict[str, Any]
+    array_lengths: dict[str, int]
+    tensors: list[_Tensor]
+    data_offset: int
+
+
+# GGUF value types (gguf.GGUFValueType) -> struct format; 8 is a string, 9 an array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SMALL_ARRAY = 4096  # numeric arrays up to this long (per-layer values) are kept; longer ones only counted
+
+
+def _read_header(path: Path) -> _Header:
+    """Parse the GGUF header without touching tensor data.
+
+    gguf's own GGUFReader builds a numpy view of every array element, which takes seconds for a
+    150k-token vocabulary; here string arrays are skipped by their lengths, so a 600 GB model's
+    header parses in well under a second.
+    """
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 0
+
+        def take(fmt: str) -> Any:
+            nonlocal pos
+            value = struct.unpack_from("<" + fmt, mm, pos)[0]
+            pos += struct.calcsize("<" + fmt)
+            return value
+
+        def string() -> str:
+            nonlocal pos
+            n = take("Q")
+            if pos + n > len(mm):
+                raise struct.error("string runs past the end of the file")
+            text = mm[pos : pos + n].decode("utf-8", errors="replace")
+            pos += n
+            return text
+
+        if mm[:4] != b"GGUF":
+            raise _BadMagic
+        pos = 4
+        version = take("I")
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = take("Q"), take("Q")
+        fields: dict[str, Any] = {}
+        lengths: dict[str, int] = {}
+        for _ in range(n_kv):
+            key = string()
+            vtype = take("I")
+            if vtype == 8:
+                fields[key] = string()
+            elif vtype == 9:
+                etype, count = take("I"), take("Q")
+                lengths[key] = count
+                if etype == 8:
+                    for _ in range(count):
+                        skip = take("Q")  # take() moves pos past the length first
+                        pos += skip
+                elif etype in _SCALARS:
+                    size = struct.calcsize(_SCALARS[etype])
+                    if count <= _SMALL_ARRAY:
+                        fields[key] = list(struct.unpack_from(f"<{count}{_SCALARS[etype]}", mm, pos))
+                    pos += size * count
+                else:
+                    raise ValueError(f"metadata {key}: unsupported array element type {etype}")
+            elif vtype in _SCALARS:
+                fields[key] = take(_SCALARS[vtype])
+            else:
+                raise ValueError(f"metadata {key}: unknown value type {vtype}")
+        tensors = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = tuple(take("Q") for _ in range(take("I")))
+            ggml_type = GGMLQuantizationType(take("I"))
+            tensors.append(_Tensor(name, dims, ggml_type, take("Q")))
+        alignment = int(fields.get("general.alignment", 32))
+        data_offset = pos + (-pos % alignment)
+        return _Header(fields, lengths, tensors, data_offset)
+
+
+class _BadMagic(Exception):
+    pass
+
+
+def _open(path: Path) -> _Header:
     if not path.exists():
         raise PlacetuneError(f"{path}: no such file; give the path of a .gguf model")
     if path.is_dir():
@@ -207,38 +310,35 @@ def _open(path: Path) -> GGUFReader:
     if path.stat().st_size < 24:
         raise PlacetuneError(f"{path} is not a GGUF file (too short to hold a header)")
     try:
-        reader = GGUFReader(path)
+        header = _read_header(path)
+    except _BadMagic:
+        raise PlacetuneError(f"{path} is not a GGUF file (bad magic); give a .gguf model") from None
+    except (struct.error, IndexError, OverflowError, MemoryError) as exc:
+        raise PlacetuneError(f"{path}: GGUF header is truncated or corrupt ({exc}); download it again") from None
     except ValueError as exc:
-        if "magic" in str(exc).lower():
-            raise PlacetuneError(f"{path} is not a GGUF file (bad magic); give a .gguf model") from None
         raise PlacetuneError(f"{path}: unreadable GGUF header ({exc}); the file is truncated or corrupt") from None
-    except (IndexError, OverflowError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise PlacetuneError(f"{path}: GGUF header is truncated or corrupt ({type(exc).__name__})") from None
     size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
+    for t in header.tensors:
+        end = header.data_offset + t.offset + t.n_bytes
+        if end > size:
             raise PlacetuneError(
-                f"{path} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes} "
-                f"but the file has {size}; download it again"
+                f"{path} is truncated: tensor {t.name} ends at byte {end} but the file has {size}; download it again"
             )
-    return reader
+    return header
 
 
-def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    f = reader.get_field(key)
-    if f is None:
-        return default
-    return f.contents()
+def _field(header: _Header, key: str, default: Any = None) -> Any:
+    return header.fields.get(key, default)
 
 
-def _int_field(reader: GGUFReader, key: str, default: int = 0) -> int:
-    value = _field(reader, key, default)
+def _int_field(header: _Header, key: str, default: int = 0) -> int:
+    value = _field(header, key, default)
     if isinstance(value, list):  # per-layer arrays (e.g. head_count_kv): the largest is what memory needs
         return int(max(value)) if value else default
     return int(value)
 
 
-def _facts(reader: GGUFReader, tensors: list[TensorInfo]) -> ModelFacts:
+def _facts(reader: _Header, tensors: list[TensorInfo]) -> ModelFacts:
     arch = str(_field(reader, "general.architecture", "unknown"))
     a = arch
 
@@ -251,8 +351,7 @@ def _facts(reader: GGUFReader, tensors: list[TensorInfo]) -> ModelFacts:
     n_head_kv = _int_field(reader, f"{a}.attention.head_count_kv", n_head)
     default_dim = n_embd // n_head if n_head else 0
     n_expert = _int_field(reader, f"{a}.expert_count")
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    n_vocab = len(tokens.data) if tokens is not None else _int_field(reader, f"{a}.vocab_size")
+    n_vocab = reader.array_lengths.get("tokenizer.ggml.tokens") or _int_field(reader, f"{a}.vocab_size")
     n_shared = _int_field(reader, f"{a}.expert_shared_count")
     if not n_shared and any(t.group is Group.SHEXP for t in tensors):
         n_shared = 1
@@ -280,7 +379,7 @@ def _facts(reader: GGUFReader, tensors: list[TensorInfo]) -> ModelFacts:
     )
 
 
-def _header_hash(paths: list[Path], readers: list[GGUFReader]) -> str:
+def _header_hash(paths: list[Path], readers: list[_Header]) -> str:
     """Hash of the headers (metadata and tensor table): identifies a model without reading weights."""
     h = hashlib.sha256()
     for path, reader in zip(paths, readers, strict=True):
@@ -306,9 +405,9 @@ def read_anatomy(path: str | os.PathLike[str]) -> Anatomy:
                     group=group,
                     expert_kind=kind,
                     is_bias=is_bias,
-                    ggml_type=t.tensor_type.name,
-                    shape=tuple(int(d) for d in t.shape),
-                    n_bytes=int(t.n_bytes),
+                    ggml_type=t.ggml_type.name,
+                    shape=t.shape,
+                    n_bytes=t.n_bytes,
                 )
             )
     if not tensors:

@@ -159,3 +159,17 @@ def test_inspect_needs_no_weight_reads(tiny_moe: Path, tmp_path: Path) -> None:
         fh.seek(start)
         fh.write(b"\0" * (hollow.stat().st_size - start))
     assert read_anatomy(hollow).to_dict()["totals"] == a.to_dict()["totals"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "glm4moe", "gpt-oss"])
+def test_fast_header_reader_agrees_with_gguf_reader(arch: str, make_model) -> None:
+    from gguf import GGUFReader
+
+    path = make_model(arch)
+    reference = GGUFReader(path)
+    a = read_anatomy(path)
+    assert [(t.name, t.n_bytes, t.tensor_type.name) for t in reference.tensors] == [
+        (t.name, t.n_bytes, t.ggml_type) for t in a.tensors
+    ]
+    assert a.facts.n_vocab == len(reference.fields["tokenizer.ggml.tokens"].data)
+    assert a.facts.n_layers == int(reference.fields[f"{a.facts.arch}.block_count"].contents())
