@@ -21,8 +21,6 @@ from placetune import __version__
 from placetune.errors import PlacetuneError
 from placetune.placement import Placement
 
-STUDY_ATTRS = ("model", "machine", "workload", "objective", "runner", "rpc", "space")
-
 
 def results_dir(root: Path, model_name: str, machine_name: str) -> Path:
     return root / _slug(model_name) / machine_name
