@@ -1,0 +1,78 @@
+"""The command line as a user drives it: bench with each runner, Ctrl-C during a search, hw."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+CLI = [sys.executable, "-c", "from placetune.cli import main; main()"]
+ENV = {**os.environ, "COLUMNS": "200"}
+
+
+@pytest.mark.parametrize("runner", ["embedded", "llama-bench", "llama-server"])
+def test_bench_with_each_runner(runner: str, tiny_moe: Path) -> None:
+    proc = subprocess.run(
+        [*CLI, "bench", str(tiny_moe), "--runner", runner, "-p", "16", "-n", "4", "-r", "2", "--warmups", "1",
+         "--json", "--", "-t", "2", "--no-repack", "-ot", r"blk\.0\.ffn_(gate|up)_exps=CPU"],
+        capture_output=True, text=True, timeout=300, env=ENV,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    doc = json.loads(proc.stdout)
+    m = doc["measurement"]
+    assert m["status"] == "ok" and m["runner"] == runner
+    assert len(m["pp"]["samples"]) == 2 and m["tg"]["median"] > 0
+    assert m["tensor_buffers"] == {"blk.0.ffn_gate_exps.weight": "CPU", "blk.0.ffn_up_exps.weight": "CPU"}
+    assert m["placement_issues"] == []
+
+
+def test_bench_table_shows_where_tensors_landed(tiny_moe: Path) -> None:
+    proc = subprocess.run([*CLI, "bench", str(tiny_moe), "-p", "16", "-n", "4", "-r", "2", "--warmups", "1",
+                           "--", "-t", "2", "--no-repack"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("pp16", "tg4", "time-weighted", "where tensors landed", "llama.cpp reported"):
+        assert text in proc.stdout
+
+
+def test_ctrl_c_stops_after_the_current_trial(tiny_moe: Path, tmp_path: Path) -> None:
+    args = [*CLI, "search", str(tiny_moe), "--out", str(tmp_path), "--n-trials", "60", "-p", "128", "-n", "32",
+            "-r", "3", "--warmups", "1", "--top-k", "1", "--set", "repack=false"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    assert proc.stdout is not None
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith("trial 2"):
+            proc.send_signal(signal.SIGINT)
+            break
+    output += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 0, "".join(output)
+    text = "".join(output)
+    assert "stopped after the current trial" in text and "llama-server -m" in text
+    storage = f"sqlite:///{tmp_path / 'placetune.db'}"
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    trials = study.trials
+    assert 3 <= len(trials) < 60
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+
+
+def test_hw_json() -> None:
+    proc = subprocess.run([*CLI, "hw", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["fingerprint"] and doc["physical_cores"] >= 1
+    assert doc["llama_devices"][0]["name"] == "CPU"
+    assert doc["gpus"] == []  # no NVIDIA driver here: no GPUs, not an error
+
+
+def test_hw_lists_rpc_devices(rpc_server: str) -> None:
+    proc = subprocess.run([*CLI, "hw", "--json", "--rpc", rpc_server], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    names = [d["name"] for d in json.loads(proc.stdout)["llama_devices"]]
+    assert names == ["CPU", "RPC0"]
