@@ -418,10 +418,11 @@ def regress(
 ) -> None:
     """Re-measure a suite, append it to the history, and flag drops beyond both the threshold and the noise.
 
-    Rows are compared only with runs on the same machine fingerprint, llama.cpp build, runner and workload;
-    anything else says what changed and starts a new baseline. A drop must replicate on a re-measure.
+    Rows are compared only with runs on the same machine fingerprint, llama.cpp build, runner and workload; anything else says what changed and starts a new baseline. A drop must replicate on a re-measure.
+
     Exit codes: 0 no regression, 1 regression, 2 a case could not run (or another error).
-    Pinned baselines: `placetune regress --pin CASE` pins CASE's latest run, then run with --baseline pinned.
+
+    Pinned baselines: `placetune regress --pin CASE` pins CASE's latest run; then run with --baseline pinned.
     """
     from placetune import regress as rg
 

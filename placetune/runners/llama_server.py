@@ -244,6 +244,23 @@ class LlamaServerRunner:
             m.tensor_buffers, m.placement_issues = check_placement(model, placement, server.log)
         return m
 
+    def measure_running(self, url: str, workload: Workload) -> Measurement:
+        """Time the workload against a llama-server started elsewhere, with the requests `measure` sends.
+
+        `placetune verify` starts the exported command line itself, so the server's flags are the user's,
+        not the ones `command` would add; only the timing is shared.
+        """
+        m = Measurement(runner=self.name, status=ERROR)
+        started = time.monotonic()
+        try:
+            m.pp, m.tg, m.measure_s = self._time_requests(url, workload, started + workload.timeout_s)
+        except _Failed as exc:
+            m.status, m.reason = exc.status, exc.reason
+        else:
+            m.status = OK
+        m.wall_s = time.monotonic() - started
+        return m
+
     def _time_requests(self, url: str, workload: Workload, deadline: float) -> tuple[Stats, Stats, float]:
         """Warm-ups, then `repetitions` timed /completion requests: pp and tg samples and the seconds timed."""
         n_vocab = self._n_vocab(url, deadline)

@@ -1,0 +1,140 @@
+"""Verify a result: start the exported llama-server line exactly as printed and measure it like the search did.
+
+A search may measure with embedded llama.cpp or llama-bench, and those are known to disagree with
+llama-server (llama.cpp issue 25121), so the number a user deploys is checked against the number the
+search reported, and a gap outside the noise band is said plainly rather than averaged away.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rich.table import Table
+
+from placetune.errors import PlacetuneError
+from placetune.export import export
+from placetune.results import BestPlan
+from placetune.runners.base import Measurement, Workload
+from placetune.runners.binaries import find_binary
+from placetune.runners.llama_server import LlamaServerRunner, free_port, running_server
+
+MIN_BAND = 0.05  # differences under about 5% are noise unless they replicate (notes on measuring)
+DISAGREE_ISSUE = "llama.cpp issue 25121"
+
+
+@dataclass
+class Comparison:
+    """One metric: what the search reported, what the exported server line measured, and their ratio."""
+
+    metric: str
+    searched: float
+    searched_spread: float
+    measured: float
+    measured_spread: float
+    band: float
+
+    @property
+    def ratio(self) -> float:
+        return self.measured / self.searched if self.searched else float("inf")
+
+    @property
+    def inside(self) -> bool:
+        return abs(self.ratio - 1) <= self.band
+
+    def verdict(self) -> str:
+        if self.inside:
+            return "within noise"
+        direction = "slower" if self.ratio < 1 else "faster"
+        return f"outside the band: {abs(self.ratio - 1):.0%} {direction}"
+
+
+@dataclass
+class VerifyResult:
+    """The exact command started, the workload, and the per-metric comparison with the search."""
+
+    command: list[str]
+    workload: Workload
+    searched_by: str
+    measurement: Measurement
+    comparisons: list[Comparison]
+    notes: list[str] = field(default_factory=list)
+
+
+def server_argv(plan: BestPlan, bin_dir: str | Path | None = None) -> tuple[list[str], int, str]:
+    """The exported server line split back into argv, with a free --port appended when it has none."""
+    binary = find_binary("llama-server", bin_dir)
+    argv = shlex.split(export(plan, "server", binary=str(binary)))
+    host = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
+    if "--port" in argv:
+        return argv, int(argv[argv.index("--port") + 1]), host
+    port = free_port(host)
+    return [*argv, "--port", str(port)], port, host
+
+
+def verify(plan: BestPlan, *, bin_dir: str | Path | None = None, rpc: list[str] | None = None,
+           timeout_s: float | None = None, fingerprint: str | None = None,
+           on_launch: Callable[[str], None] | None = None) -> VerifyResult:
+    """Launch the exported llama-server line, measure it with the search's workload, and compare.
+
+    rpc replaces the plan's RPC servers (they may live elsewhere now); fingerprint, when given, is this
+    machine's, so a plan verified on other hardware says so; on_launch gets the exact line started.
+    """
+    if rpc is not None:
+        plan = BestPlan({**plan.data, "rpc": list(rpc)})
+    workload = Workload.from_dict(plan.data["workload"])
+    if timeout_s is not None:
+        workload = replace(workload, timeout_s=timeout_s)
+    if not Path(plan.model_path).exists():
+        raise PlacetuneError(f"model {plan.model_path} from the plan is not there; verify runs it for real")
+    argv, port, host = server_argv(plan, bin_dir)
+    if on_launch:
+        on_launch(shlex.join(argv))
+    with running_server(argv, port, workload.timeout_s, host=host) as server:
+        m = LlamaServerRunner().measure_running(server.url, workload)
+    if not m.ok:
+        raise PlacetuneError(f"llama-server started from the exported line, but measuring it failed "
+                             f"({m.status}): {m.reason}")
+    searched = plan.data.get("measurement") or {}
+    searched_by = searched.get("runner") or plan.data.get("runner", "the search")
+    comparisons = []
+    for metric, stats in (("pp", m.pp), ("tg", m.tg)):
+        ref = searched.get(metric) or {}
+        if not stats.samples or not ref.get("median"):
+            continue
+        spread = float(ref.get("spread") or 0.0)
+        comparisons.append(Comparison(metric, float(ref["median"]), spread, stats.median, stats.spread,
+                                      band=max(MIN_BAND, spread)))
+    notes = []
+    planned = (plan.data.get("machine") or {}).get("fingerprint")
+    if fingerprint and planned and planned != fingerprint:
+        notes.append(f"the search ran on machine {planned}, this is {fingerprint}: the ratio compares "
+                     "different hardware or llama.cpp builds")
+    outside = [c for c in comparisons if not c.inside]
+    if outside:
+        gaps = ", ".join(f"{c.metric} {c.ratio:.2f}x" for c in outside)
+        head = f"llama-server measured {gaps} of what the search's {searched_by} runner reported, outside the band"
+        if searched_by == "llama-server":
+            notes.append(f"{head}; both numbers come from llama-server, so this is drift or load: run verify again")
+        else:
+            notes.append(f"{head}; llama-bench/embedded llama.cpp and llama-server are known to disagree "
+                         f"({DISAGREE_ISSUE}): plan with the llama-server number")
+    return VerifyResult(argv, workload, searched_by, m, comparisons, notes)
+
+
+def comparison_table(result: VerifyResult) -> Table:
+    """Searched vs measured per metric, the ratio and the band it is judged against."""
+    w = result.workload
+    table = Table(title=f"verify: pp{w.n_prompt} tg{w.n_gen}, {w.repetitions} repetitions after {w.warmups} "
+                        "warm-up(s), as searched")
+    for col in ("metric", f"searched ({result.searched_by})", "measured (llama-server)", "ratio", "band",
+                "verdict"):
+        table.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
+    for c in result.comparisons:
+        style = "" if c.inside else "bold yellow"
+        table.add_row(c.metric, f"{c.searched:.2f} ± {c.searched_spread:.1%}",
+                      f"{c.measured:.2f} ± {c.measured_spread:.1%}", f"{c.ratio:.3f}", f"±{c.band:.1%}",
+                      c.verdict(), style=style)
+    return table

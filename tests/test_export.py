@@ -1,0 +1,171 @@
+"""export and verify: every form survives a shell (or YAML, or Python), the server line really serves, and
+verify compares a real llama-server with a real search result."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import types
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from placetune.errors import PlacetuneError
+from placetune.export import FORMATS, export, load_result
+from placetune.placement import ExpertRule, Placement, RawOverride, render_bench_command, render_server_command
+from placetune.results import BestPlan
+from placetune.runners.binaries import package_bin_dir
+from placetune.runners.llama_server import free_port, running_server
+
+PLACETUNE = str(Path(sys.executable).parent / "placetune")
+# A folder name a careless export would break: spaces, both quotes, $VAR, $(...), backticks, a backslash.
+AWKWARD = "my models/it's \"q8\" $HOME $(touch pwned) `id` back\\slash"
+PLACEMENT = Placement(threads=1, repack=False, overrides=(
+    ExpertRule(layers=(0, 1), kinds=("gate", "up")), RawOverride(r"blk\.2\.ffn_down_exps", "CPU")))
+TINY = {"n_prompt": 16, "n_gen": 4, "depth": 0, "repetitions": 2, "warmups": 1, "timeout_s": 120.0}
+
+
+def make_plan(model: Path | str, placement: Placement = PLACEMENT) -> BestPlan:
+    stats = {"samples": [100.0, 110.0], "tokens_per_sample": 16, "median": 105.0, "spread": 0.067}
+    return BestPlan({
+        "model": {"path": str(model)}, "workload": dict(TINY), "runner": "embedded", "rpc": [],
+        "placement": placement.to_dict(), "machine": {"fingerprint": "test"},
+        "measurement": {"runner": "embedded", "pp": stats, "tg": stats},
+    })
+
+
+@pytest.fixture
+def stub_bin(tmp_path: Path) -> Path:
+    """llama-server and llama-bench stand-ins that print the argv they received as JSON."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for name in ("llama-server", "llama-bench"):
+        stub = folder / name
+        stub.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+        stub.chmod(0o755)
+    return folder
+
+
+def through_bash(line: str, cwd: Path) -> list[str]:
+    done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=cwd, timeout=30, check=True)
+    return json.loads(done.stdout)
+
+
+def test_every_shell_form_survives_bash(tmp_path: Path, stub_bin: Path) -> None:
+    model = str(tmp_path / AWKWARD / "m.gguf")
+    plan = make_plan(model)
+    server = str(stub_bin / "llama-server")
+
+    line = export(plan, "server", binary=server, port=8080)
+    assert through_bash(line, tmp_path) == render_server_command(model, PLACEMENT, port=8080)[1:]
+    line = export(plan, "bench", binary=server)
+    expected = render_bench_command(model, PLACEMENT, n_prompt=16, n_gen=4, repetitions=2, output=None)[1:]
+    assert through_bash(line, tmp_path) == expected
+    flags = through_bash(f"{shlex.quote(server)} {export(plan, 'flags')}", tmp_path)
+    assert flags == render_server_command(model, PLACEMENT)[5:]
+    ot = through_bash(f"{shlex.quote(server)} -ot {export(plan, 'ot')}", tmp_path)
+    assert ot == ["-ot", r"blk\.[0-1]\.ffn_(gate|up)_exps=CPU,blk\.2\.ffn_down_exps=CPU"]
+    assert not (tmp_path / "pwned").exists()
+    assert "--host" in (argv := through_bash(export(plan, "server", binary=server), tmp_path))
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and "--port" not in argv
+
+
+def test_llama_swap_entry_is_yaml_whose_cmd_splits_back(tmp_path: Path) -> None:
+    model = str(tmp_path / AWKWARD / "m.gguf")
+    text = export(make_plan(model), "llama-swap", host="0.0.0.0")
+    doc = yaml.safe_load(text)
+    (name, entry), = doc["models"].items()
+    assert name == "m" and entry["proxy"] == "http://127.0.0.1:${PORT}"
+    # llama-swap substitutes ${PORT} in the string, then splits it with POSIX shell rules.
+    argv = shlex.split(entry["cmd"].replace("${PORT}", "5800"))
+    assert argv == [*render_server_command(model, PLACEMENT, host="0.0.0.0"), "--port", "5800"]
+    with pytest.raises(PlacetuneError, match="macro"):
+        export(make_plan("/models/${oops}/m.gguf"), "llama-swap")
+
+
+def test_python_snippet_runs_and_passes_the_path_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = str(tmp_path / AWKWARD / "m.gguf")
+    seen: dict = {}
+    fake = types.ModuleType("llama_cpp")
+    fake.Llama = lambda **kw: seen.update(kw)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    snippet = export(make_plan(model), "python")
+    exec(compile(snippet, "<export>", "exec"), {})
+    assert seen["model_path"] == model and seen["n_threads"] == 1
+    assert "tensor_buft_overrides" not in seen  # Llama() would silently ignore it
+    assert r"#   blk\.2\.ffn_down_exps=CPU" in snippet and "--no-repack" in snippet
+
+
+def test_json_and_errors(tmp_path: Path) -> None:
+    plan = make_plan(tmp_path / "m.gguf")
+    assert json.loads(export(plan, "json")) == json.loads(json.dumps(plan.data))
+    with pytest.raises(PlacetuneError, match="no tensor overrides"):
+        export(make_plan(tmp_path / "m.gguf", Placement(threads=2)), "ot")
+    with pytest.raises(PlacetuneError, match=", ".join(FORMATS)):
+        export(plan, "yaml")
+    with pytest.raises(PlacetuneError, match="not found"):
+        load_result(str(tmp_path / "missing" / "best.json"))
+
+
+def test_exported_server_line_pasted_into_bash_answers_health(tmp_path: Path, tiny_moe: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / AWKWARD
+    folder.mkdir(parents=True)
+    model = folder / "tiny moe.gguf"
+    shutil.copy(tiny_moe, model)
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps(make_plan(model).data))
+    port = free_port()
+    line = subprocess.run([PLACETUNE, "export", str(best), "--port", str(port)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert line.startswith("llama-server -m ") and "\n" not in line
+    monkeypatch.setenv("PATH", f"{package_bin_dir()}{os.pathsep}{os.environ['PATH']}")
+    with running_server(["bash", "-c", line], port, timeout_s=120) as server, \
+            urllib.request.urlopen(server.url + "/health", timeout=10) as resp:
+        assert resp.status == 200
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_search(tmp_path_factory: pytest.TempPathFactory, tiny_moe: Path) -> Path:
+    """A real (short) search on the tiny MoE model: its results root, holding best.json and placetune.db."""
+    out = tmp_path_factory.mktemp("search")
+    subprocess.run([PLACETUNE, "search", str(tiny_moe), "--out", str(out), "--n-trials", "3", "-p", "16", "-n", "4",
+                    "-r", "2", "--warmups", "1", "--top-k", "1", "--set", "repack=false", "--set", "threads=1"],
+                   capture_output=True, text=True, check=True, timeout=600)
+    return out
+
+
+def test_export_by_study_name_matches_the_search(tiny_search: Path) -> None:
+    best = next(tiny_search.rglob("best.json"))
+    record = json.loads(best.read_text())
+    storage = f"sqlite:///{tiny_search / 'placetune.db'}"
+    plan = load_result(record["study"]["name"], storage)
+    assert plan.model_path == record["model"]["path"]
+    assert plan.data["workload"] == record["workload"]
+    assert export(plan, "server").startswith(shlex.join(["llama-server", "-m", record["model"]["path"]]))
+    with pytest.raises(PlacetuneError, match="studies there"):
+        load_result("no-such-study", storage)
+
+
+def test_verify_prints_searched_measured_and_ratio(tiny_search: Path) -> None:
+    best = next(tiny_search.rglob("best.json"))
+    done = subprocess.run([PLACETUNE, "verify", str(best.parent)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert re.search(r"launching: \S*llama-server -m .* --port \d+", out)
+    record = json.loads(best.read_text())["measurement"]
+    for metric in ("pp", "tg"):
+        row = next(line for line in out.splitlines() if re.match(rf"\W*{metric}\b", line.strip("│ ")))
+        numbers = [float(x) for x in re.findall(r"\d+\.\d+(?![\d%])", row)]
+        assert numbers[0] == pytest.approx(record[metric]["median"], abs=0.01)  # searched
+        assert numbers[1] > 0  # measured by llama-server
+        assert numbers[2] == pytest.approx(numbers[1] / numbers[0], abs=0.002)  # ratio
+    assert "outside the band" not in out or "25121" in out
