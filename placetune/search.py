@@ -11,24 +11,37 @@ The procedure, in order:
   4. the top few are re-measured interleaved (A B C A B C) before the winner is named.
 Finished trials live in the study's storage (SQLite by default), so a crash, an OOM, a hang or
 Ctrl-C never loses them, and running the same command again resumes.
+
+Several workers join one study by sharing its storage (PostgreSQL across hosts). Optuna's trial
+heartbeats let a surviving worker fail a dead worker's trial and queue it again; placetune adds a
+worker registry in the study, so that two workers on one host or on different hardware are refused.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
 import socket
 import statistics
+import threading
+import time
 import warnings
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import DuplicatedStudyError, StorageInternalError, UpdateFinishedTrialError
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError, SQLAlchemyError
 
 from placetune.anatomy import Anatomy
 from placetune.errors import PlacetuneError
@@ -40,6 +53,13 @@ from placetune.space import SearchSpace, facts_for, to_placement
 
 OBJECTIVES = ("latency", "tg", "pp", "pareto")
 SCREEN_MARGIN = 0.10  # a screened trial must be this much worse than the best (or 3x the noise) to be cut
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+MAX_RETRY = 3  # a trial whose worker died is run again at most this many times
+CONNECT_TIMEOUT_S = 5  # an unreachable database fails the command instead of hanging it
+POLL_S = 1.0  # how often a worker looks again at trials other workers are running
+ATTRS_WAIT_S = 10.0  # how long a joining worker waits for the study's creator to describe it
+WORKER_KEY = "placetune:worker:"  # study system attrs: one entry per worker process
+BUDGET_LOCK = 0x706C7475  # PostgreSQL advisory lock class ("pltu"); its object id is the study's id
 
 
 @dataclass
@@ -66,6 +86,15 @@ class SearchConfig:
     rpc: Sequence[str] = ()
     runner_name: str = "embedded"
     extra_seeds: dict[str, Placement] = field(default_factory=dict)
+    heartbeat_s: int = 60
+    grace_s: int | None = None
+    allow_mixed_hardware: bool = False
+    allow_colocated: bool = False
+
+    @property
+    def grace(self) -> int:
+        """Seconds without a heartbeat after which a worker, and its running trial, count as dead."""
+        return self.grace_s or 3 * self.heartbeat_s
 
     @property
     def devices(self) -> list[str]:
@@ -129,57 +158,141 @@ class Search:
         self.on_trial = on_trial
         self.facts = facts_for(config.anatomy, config.machine.physical_cores)
         self.stop_requested = False
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.notes: list[str] = []  # said once at the start: mixed hardware, colocated workers
+        self.created = False  # this worker created the study, so it alone enqueues the seeds
+        self._budget: Connection | None = None  # holds the trial-budget lock while a trial is being created
         self.study = self._open_study()
+        self._register()
 
     # -- study and storage -------------------------------------------------------------------
 
     def _open_study(self) -> optuna.Study:
         c = self.config
         name = c.study_name or c.default_study_name()
-        constraints = _min_pp_constraint if c.min_pp is not None else None
-        # multivariate/group TPE models the conditional expert parameters jointly; both are marked experimental.
+        # multivariate/group TPE, heartbeats and fail_stale_trials are all marked experimental.
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=c.seed, multivariate=True, group=True, constraints_func=constraints, n_startup_trials=6
-        )
         try:
-            study = optuna.create_study(
-                study_name=name, storage=c.storage, load_if_exists=True,
-                directions=directions(c.objective), sampler=sampler,
-            )
-        except (ValueError, ImportError, optuna.exceptions.StorageInternalError, SQLAlchemyError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise PlacetuneError(f"cannot open storage {c.storage!r}: {first}") from None
-        attrs = study.user_attrs
+            self.storage = storage = open_storage(c.storage, c.heartbeat_s, c.grace)
+            try:
+                study = optuna.create_study(study_name=name, storage=storage, directions=directions(c.objective),
+                                            sampler=self._sampler(c.seed))
+                self.created = True
+            except DuplicatedStudyError:
+                # Workers that share a seed would sample the same startup trials: a joiner draws its own.
+                seed = (c.seed + zlib.crc32(f"{self.host}:{self.pid}".encode())) % 2**32
+                study = optuna.load_study(study_name=name, storage=storage, sampler=self._sampler(seed))
+        except (ValueError, ImportError, StorageInternalError, SQLAlchemyError) as exc:
+            raise PlacetuneError(f"cannot open storage {safe_url(c.storage)!r}: {_why(exc, c.storage)}") from None
+        attrs = self._describe(study)
         fingerprint = c.machine.fingerprint()
-        if attrs.get("fingerprint") not in (None, fingerprint):
+        if attrs["fingerprint"] != fingerprint:
+            if not c.allow_mixed_hardware:
+                raise PlacetuneError(
+                    f"study {name!r} was measured on machine {attrs['fingerprint']}, this is {fingerprint} "
+                    "(different hardware or llama.cpp build); use another --study-name, or pass "
+                    "--allow-mixed-hardware to mix them on purpose"
+                )
+            self.notes.append(f"mixing hardware (--allow-mixed-hardware): study {name!r} was measured on machine "
+                              f"{attrs['fingerprint']}, this worker is {fingerprint}; each trial records its own")
+        if attrs.get("workload") != c.workload.to_dict():
             raise PlacetuneError(
-                f"study {name!r} was measured on machine {attrs['fingerprint']}, this is {fingerprint}; "
-                "use another --study-name so different hardware or llama.cpp builds are never mixed"
+                f"study {name!r} used workload {attrs.get('workload')}; resume with the same "
+                "--prompt-tokens/--gen-tokens/--depth/--reps/--warmups/--trial-timeout, or pick another --study-name"
             )
-        if "fingerprint" not in attrs:
-            study.set_user_attr("fingerprint", fingerprint)
+        return study
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        constraints = _min_pp_constraint if self.config.min_pp is not None else None
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constraints_func=constraints, n_startup_trials=6
+        )
+
+    def _describe(self, study: optuna.Study) -> dict[str, Any]:
+        """The study's machine, model and workload; the creator writes them, a joiner waits for them."""
+        c = self.config
+        deadline = time.monotonic() + (0 if self.created else ATTRS_WAIT_S)
+        while "fingerprint" not in study.user_attrs and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if "fingerprint" not in study.user_attrs:  # created here, or by hand with optuna
+            study.set_user_attr("fingerprint", c.machine.fingerprint())
             study.set_user_attr("machine", c.machine.to_dict())
             study.set_user_attr("model", {"path": str(c.model), "header_hash": c.anatomy.header_hash})
             study.set_user_attr("workload", c.workload.to_dict())
             study.set_user_attr("objective", c.objective)
             study.set_user_attr("runner", c.runner_name)
-        elif attrs.get("workload") != c.workload.to_dict():
-            raise PlacetuneError(
-                f"study {name!r} used workload {attrs.get('workload')}; resume with the same "
-                "--prompt-tokens/--gen-tokens/--depth/--reps, or pick another --study-name"
-            )
-        self._fail_orphans(study)
-        return study
+        return study.user_attrs
 
-    def _fail_orphans(self, study: optuna.Study) -> None:
-        """Trials left RUNNING by a search on this host that was killed: mark them FAIL so counts are right."""
-        host = socket.gethostname()
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    # -- workers -----------------------------------------------------------------------------
+
+    def _worker_key(self) -> str:
+        return f"{WORKER_KEY}{self.host}:{self.pid}"
+
+    def _set_worker(self, **fields: Any) -> None:
+        entry = {"host": self.host, "pid": self.pid, "fingerprint": self.config.machine.fingerprint(), **fields}
+        self.study._storage.set_study_system_attr(self.study._study_id, self._worker_key(), entry)
+
+    def _register(self) -> None:
+        """Join the study's worker registry; refuse when another live worker of the study is on this host.
+
+        Each worker registers before it looks, so two started together can both refuse, never both run.
+        """
+        self._set_worker(seen=time.time())
+        others = self._colocated()
+        if others and not self.config.allow_colocated:
+            self._set_worker(seen=None)  # refused: not a worker of this study
+            raise PlacetuneError(
+                f"another placetune worker (pid {others[0]['pid']}) is running study {self.study.study_name!r} "
+                f"on {self.host}; two workers on one host disturb each other's measurements. "
+                "Pass --allow-colocated-workers only if each worker has its own CPU cores and devices"
+            )
+        if others:
+            self.notes.append(f"sharing {self.host} with worker pid {others[0]['pid']} (--allow-colocated-workers)")
+
+    def _colocated(self) -> list[dict[str, Any]]:
+        """Other live workers of this study on this host: process alive and heartbeat fresh."""
+        attrs = self.study._storage.get_study_system_attrs(self.study._study_id)
+        now = time.time()  # entries from this host were stamped by this host's clock
+        return [w for k, w in attrs.items()
+                if k.startswith(WORKER_KEY) and k != self._worker_key() and w.get("host") == self.host
+                and w.get("seen") is not None and now - w["seen"] <= self.config.grace and _pid_alive(w["pid"])]
+
+    @contextmanager
+    def _working(self) -> Iterator[None]:
+        """Keep this worker's registry entry fresh while it measures."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.config.heartbeat_s):
+                # A database hiccup: the next beat tries again, and the trials themselves fail loudly meanwhile.
+                with suppress(StorageInternalError, SQLAlchemyError):
+                    self._set_worker(seen=time.time())
+
+        self._set_worker(seen=time.time())
+        thread = threading.Thread(target=beat, name="placetune-worker-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _fail_orphans(self) -> None:
+        """Trials left RUNNING by a killed search on this host: fail and requeue them now.
+
+        Same host, dead pid: certain without waiting out the heartbeat grace period, so a restarted
+        worker resumes at once. Whichever path fails a trial first wins; the other sees it finished.
+        """
+        storage = self.study._storage
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pid = t.user_attrs.get("pid")
-            if t.user_attrs.get("host") == host and pid and not _pid_alive(int(pid)):
-                study._storage.set_trial_user_attr(t._trial_id, "reason", "search process died during this trial")
-                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            if t.user_attrs.get("host") == self.host and pid and not _pid_alive(int(pid)):
+                try:
+                    storage.set_trial_user_attr(t._trial_id, "reason", "search process died during this trial")
+                    storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                except UpdateFinishedTrialError:
+                    continue  # another worker's heartbeat check failed it first and requeued it
+                retry_dead_worker_trial(self.study, storage.get_trial(t._trial_id))
 
     # -- seeds -------------------------------------------------------------------------------
 
@@ -224,12 +337,14 @@ class Search:
         return best[1] if best else None
 
     def enqueue_seeds(self) -> list[str]:
-        """Enqueue the seeds a fresh study has not run yet; return notes on any that were skipped."""
+        """Enqueue the seeds into a study this worker created; return notes on any that were skipped.
+
+        Only the creator enqueues: workers that join at the same moment would otherwise queue every seed twice.
+        """
+        if not self.created:
+            return []
         notes = []
-        done = {t.user_attrs.get("seed_name") for t in self.study.get_trials(deepcopy=False)}
         for name, params in self.seeds().items():
-            if name in done:
-                continue
             params = {k: v for k, v in params.items() if k in self.config.space.dimension_names()}
             params = {k: v for k, v in params.items() if k not in self.config.space.pinned}
             if not self.config.space.contains(params, self.facts):
@@ -245,11 +360,18 @@ class Search:
         need = predict_memory(c.anatomy, placement, c.devices, c.n_ctx)
         return check_fit(need, c.capacity(), c.margin, budgeted=set(c.budgets))
 
-    def _measured_before(self, flags: str) -> optuna.trial.FrozenTrial | None:
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if t.user_attrs.get("flags") == flags:
-                return t
-        return None
+    def _measured_before(self, number: int, flags: str) -> optuna.trial.FrozenTrial | None:
+        """A completed trial of the same placement; waits while an earlier trial of another worker measures it."""
+        while True:
+            same = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                    if t.user_attrs.get("flags") == flags and t.number != number]
+            done = [t for t in same if t.state == TrialState.COMPLETE]
+            if done:
+                return done[0]
+            if not any(t.number < number for t in same):  # waiting only on earlier trials: no two wait on each other
+                return None
+            fail_stale_trials(self.study)  # that worker may have died
+            time.sleep(POLL_S)
 
     def noise(self) -> float:
         """Median relative spread of the objective's rates over completed trials (0.05 until known)."""
@@ -281,9 +403,11 @@ class Search:
             trial.set_user_attr("build", m.build)
 
     def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        self._unlock_budget()  # this trial exists now: other workers count it
         c = self.config
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("host", self.host)
+        trial.set_user_attr("pid", self.pid)
+        trial.set_user_attr("fingerprint", c.machine.fingerprint())
         params = c.space.suggest(trial, self.facts)
         placement = to_placement(params, c.anatomy)
         flags = render_flags(placement)
@@ -296,7 +420,7 @@ class Search:
             trial.set_user_attr("reason", "predicted not to fit: " + "; ".join(verdict.reasons))
             raise optuna.TrialPruned(trial.user_attrs["reason"])
 
-        previous = self._measured_before(flags)
+        previous = self._measured_before(trial.number, flags)
         if previous is not None:
             for key in ("pp", "tg", "pp_spread", "tg_spread", "status"):
                 trial.set_user_attr(key, previous.user_attrs.get(key))
@@ -348,12 +472,18 @@ class Search:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def remaining(self) -> int:
-        finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        return max(0, self.config.n_trials - len(self.study.get_trials(deepcopy=False, states=finished)))
+    def remaining(self, trials: Sequence[optuna.trial.FrozenTrial] | None = None) -> int:
+        """Trials still to finish, counted in one snapshot of the study (by default, a fresh one)."""
+        if trials is None:
+            trials = self.study.get_trials(deepcopy=False)
+        return max(0, self.config.n_trials - len(counted(trials)))
 
     def run(self) -> None:
-        """Run trials until n_trials are finished, the timeout passes, or Ctrl-C (after the current trial)."""
+        """Run trials until n_trials are finished, the timeout passes, or Ctrl-C (after the current trial).
+
+        With other workers on the study, a worker starts no trial that the ones they are running would
+        make surplus, but stays until those finish: if their worker dies, someone must run the retry.
+        """
         previous = signal.getsignal(signal.SIGINT)
 
         def on_sigint(signum: int, frame: Any) -> None:
@@ -365,19 +495,48 @@ class Search:
         def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             if self.on_trial:
                 self.on_trial(trial, self)
-            if self.stop_requested or self.remaining() == 0:
-                study.stop()
 
+        self._fail_orphans()
         if self.remaining() == 0:
             return
+        deadline = None if self.config.timeout_s is None else time.monotonic() + self.config.timeout_s
         signal.signal(signal.SIGINT, on_sigint)
         try:
-            self.study.optimize(
-                self.objective, n_trials=self.remaining(), timeout=self.config.timeout_s,
-                callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False,
-            )
+            with self._working():
+                while not self.stop_requested and (deadline is None or time.monotonic() < deadline):
+                    self._lock_budget()
+                    try:
+                        trials = self.study.get_trials(deepcopy=False)  # one snapshot: counts that agree
+                        left = self.remaining(trials)
+                        if left == 0:
+                            break
+                        if sum(t.state == TrialState.RUNNING for t in trials) >= left:
+                            self._unlock_budget()
+                            fail_stale_trials(self.study)
+                            time.sleep(POLL_S)
+                            continue
+                        self.study.optimize(self.objective, n_trials=1, callbacks=[after_trial],
+                                            catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False)
+                    finally:
+                        self._unlock_budget()
         finally:
             signal.signal(signal.SIGINT, previous)
+
+    def _lock_budget(self) -> None:
+        """Take the study's trial-budget lock, held from counting trials until the next trial exists.
+
+        Without it, two workers that both see one trial left would both start one. PostgreSQL only:
+        on SQLite (one host) a second worker is refused unless --allow-colocated-workers is given.
+        """
+        if self.storage.engine.dialect.name == "postgresql":
+            self._budget = self.storage.engine.connect()
+            self._budget.execute(text("SELECT pg_advisory_xact_lock(:lock, :study)"),
+                                 {"lock": BUDGET_LOCK, "study": self.study._study_id})
+
+    def _unlock_budget(self) -> None:
+        if self._budget is not None:
+            self._budget.close()  # ends the transaction, and the lock with it
+            self._budget = None
 
     # -- the winner --------------------------------------------------------------------------
 
@@ -398,6 +557,16 @@ class Search:
         if not top:
             return []
         combined: dict[int, Measurement] = {}
+        with self._working():
+            self._final_rounds(top, combined)
+        results = [(t, combined[t.number]) for t in top if combined[t.number].ok]
+        if c.objective != "pareto":
+            results.sort(key=lambda r: objective_value(c.objective, r[1].pp.median, r[1].tg.median, c.workload),
+                         reverse=c.objective != "latency")
+        return results
+
+    def _final_rounds(self, top: list[optuna.trial.FrozenTrial], combined: dict[int, Measurement]) -> None:
+        c = self.config
         for _ in range(c.final_rounds):
             for t in top:
                 m = self.runner.measure(c.model, Placement.from_dict(t.user_attrs["placement"]), c.workload)
@@ -409,18 +578,15 @@ class Search:
                     prev.tg = Stats(prev.tg.samples + m.tg.samples, m.tg.tokens_per_sample)
                 elif not m.ok:
                     combined[t.number] = m
-        results = [(t, combined[t.number]) for t in top if combined[t.number].ok]
-        if c.objective != "pareto":
-            results.sort(key=lambda r: objective_value(c.objective, r[1].pp.median, r[1].tg.median, c.workload),
-                         reverse=c.objective != "latency")
-        return results
 
     def baselines(self) -> list[dict[str, Any]]:
         """Each seed's measured result, for the summary table and best.json."""
         out = []
-        for t in self.study.get_trials(deepcopy=False):
+        trials = self.study.get_trials(deepcopy=False)
+        retried = retried_numbers(trials)
+        for t in trials:
             name = t.user_attrs.get("seed_name")
-            if not name:
+            if not name or t.number in retried:
                 continue
             out.append({
                 "name": name, "trial": t.number, "state": t.state.name, "flags": t.user_attrs.get("flags", ""),
@@ -441,8 +607,10 @@ class Search:
                       "total_bytes": c.anatomy.total_bytes, "arch": c.anatomy.facts.arch},
             "machine": c.machine.to_dict(),
             "llama_build": m.build or c.machine.llama_build,
-            "study": {"name": self.study.study_name, "storage": c.storage, "objective": c.objective,
-                      "trials": len(self.study.trials), "winner_trial": winner.number},
+            "study": {"name": self.study.study_name, "storage": safe_url(c.storage), "objective": c.objective,
+                      "trials": len(self.study.trials), "winner_trial": winner.number,
+                      "fingerprints": sorted({t.user_attrs["fingerprint"] for t in counted(self.study.trials)
+                                              if "fingerprint" in t.user_attrs})},
             "workload": c.workload.to_dict(),
             "runner": c.runner_name,
             "rpc": list(c.rpc),
@@ -453,6 +621,66 @@ class Search:
             "objective_value": value,
             "baselines": self.baselines(),
         }
+
+
+def open_storage(url: str, heartbeat_s: int, grace_s: int) -> RDBStorage:
+    """An Optuna RDB storage with trial heartbeats; a trial whose worker stopped beating is failed and retried."""
+    engine_kwargs: dict[str, Any] = {}
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        # pre-ping: a connection idle through a long trial may have been dropped by the server or a firewall.
+        engine_kwargs["pool_pre_ping"] = True
+        if "connect_timeout" not in parsed.query:
+            engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    attempts = 3
+    while True:
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                              heartbeat_stale_trial_callback=retry_dead_worker_trial)
+        except (IntegrityError, ProgrammingError):
+            # Workers starting together on a fresh database race to create its tables; the loser finds them made.
+            attempts -= 1
+            if not attempts:
+                raise
+            time.sleep(0.5)
+
+
+def retry_dead_worker_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a dead worker's trial again with its parameters, up to MAX_RETRY times.
+
+    Only trials whose worker died come here (heartbeat or dead pid): a llama.cpp OOM or crash is a
+    result of the placement, recorded as FAIL by a live worker, and never retried.
+    """
+    fresh = copy.copy(trial)
+    fresh.user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "seed_name"}  # not the dead run's notes
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, fresh)
+
+
+def counted(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials that count towards n_trials: a dead worker's trial that was queued again does not."""
+    retried = retried_numbers(trials)
+    return [t for t in trials if t.state in FINISHED and t.number not in retried]
+
+
+def retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of failed trials that were queued again (each retry lists the trials it replaces)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
+def safe_url(url: str) -> str:
+    """The storage URL without its password, for messages and result files."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _why(exc: BaseException, url: str) -> str:
+    """One line on why a storage would not open, with the password hidden."""
+    if isinstance(exc, ImportError):
+        return f"no database driver ({exc.__cause__ or exc}); for PostgreSQL: pip install 'placetune[postgres]'"
+    text = str(exc).replace(url, safe_url(url))
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _min_pp_constraint(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
