@@ -245,7 +245,8 @@ def search(
         if hasattr(measurer, "close"):
             measurer.close()
     if not finals:
-        raise PlacetuneError("no trial finished successfully; see trials.csv reasons (placetune inspect, bench)")
+        write_results(results_dir(out, model.stem, machine.short_name()), engine.study, None)
+        raise PlacetuneError(engine.no_winner_reason())
     winner, measurement = finals[0]
     record = engine.best_record(winner, measurement)
     paths = write_results(results_dir(out, model.stem, machine.short_name()), engine.study, record)

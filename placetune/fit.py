@@ -27,7 +27,7 @@ def fit_margins(devices: Sequence[tuple[str, int]], budgets: Mapping[str, int], 
     for name, free in devices:
         budget = budgets.get(name)
         margin = free - budget if budget is not None else default_margin
-        margins.append(max(0, margin // MIB))
+        margins.append(max(0, -(-margin // MIB)))  # rounded up: fit may use no more than the budget
     return margins
 
 

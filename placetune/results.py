@@ -72,11 +72,13 @@ class BestPlan:
         return list(self.data["server_command"])
 
 
-def write_results(out_dir: Path, study: optuna.Study, best: dict[str, Any]) -> dict[str, Path]:
-    """Write trials.csv, best.json and best.sh into out_dir; return their paths."""
+def write_results(out_dir: Path, study: optuna.Study, best: dict[str, Any] | None) -> dict[str, Path]:
+    """Write trials.csv, and with a winner best.json and best.sh, into out_dir; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"trials": out_dir / "trials.csv", "best": out_dir / "best.json", "script": out_dir / "best.sh"}
     trials_frame(study).to_csv(paths["trials"], index=False)
+    if best is None:
+        return {"trials": paths["trials"]}
     best = {"placetune_version": __version__, "created": datetime.now(UTC).isoformat(timespec="seconds"), **best}
     paths["best"].write_text(json.dumps(best, indent=2) + "\n", encoding="utf-8")
     command = shlex.join(best["server_command"])

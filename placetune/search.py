@@ -20,6 +20,7 @@ worker registry in the study, so that two workers on one host or on different ha
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import signal
@@ -47,7 +48,7 @@ from placetune.anatomy import Anatomy
 from placetune.errors import PlacetuneError
 from placetune.hardware import Machine
 from placetune.memory import DEFAULT_MARGIN, FitVerdict, check_fit, predict_memory
-from placetune.placement import Placement, bytes_per_buffer, render_flags, render_server_command
+from placetune.placement import Placement, render_flags, render_server_command
 from placetune.runners.base import Measurement, Runner, Stats, Workload
 from placetune.space import SearchSpace, facts_for, to_placement
 
@@ -142,10 +143,6 @@ def directions(objective: str) -> list[str]:
     return ["minimize" if objective == "latency" else "maximize"]
 
 
-class TrialFailed(Exception):
-    """A llama.cpp run that failed (OOM, crash, timeout, bad arguments): the trial is FAIL, the search goes on."""
-
-
 class Search:
     """One study: seeds, trials, screening, the final re-measure and the result record."""
 
@@ -160,6 +157,7 @@ class Search:
         self.stop_requested = False
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.notes: list[str] = []  # said once at the start: mixed hardware, colocated workers
+        self.seed_notes: list[str] = []  # seeds that could not be made (no llama-fit-params answer)
         self.created = False  # this worker created the study, so it alone enqueues the seeds
         self._budget: Connection | None = None  # holds the trial-budget lock while a trial is being created
         self.study = self._open_study()
@@ -297,7 +295,7 @@ class Search:
     # -- seeds -------------------------------------------------------------------------------
 
     def seeds(self) -> dict[str, dict[str, Any]]:
-        """Named baseline parameter sets a user would try by hand."""
+        """Named baseline parameter sets: what a user would try by hand, and llama.cpp's own answer."""
         f = self.facts
         defaults = {"n_gpu_layers": f["n_gpu_layers_max"], "cpu_moe_layers": 0, "ubatch": 512, "batch": 2048,
                     "threads": f["physical_cores"], "flash_attn": "auto", "load_mode": "auto",
@@ -305,36 +303,61 @@ class Search:
         # Here llama.cpp's defaults put every layer on the accelerator (-ngl all), so one seed is both.
         seeds = {"llama.cpp defaults (everything on the accelerator)" if self.config.devices
                  else "llama.cpp defaults": defaults}
-        if self.config.devices and f["n_moe_layers"]:
-            experts = {"cpu_moe_position": "first", "cpu_moe_kinds": "all"}
+        if not self.config.devices:
+            return seeds
+        seeds["no offload (-ngl 0)"] = {**defaults, "n_gpu_layers": 0}
+        experts = {"cpu_moe_position": "first", "cpu_moe_kinds": "all"}
+        if f["n_moe_layers"]:
             seeds["all experts in RAM (-ngl all --cpu-moe)"] = {
                 **defaults, **experts, "cpu_moe_layers": f["n_moe_layers"]}
-            fit = self._fullest_fit(defaults)
-            if fit is not None:
-                seeds[f"fullest fit by the memory model (-ngl {fit['n_gpu_layers']} "
-                      f"--n-cpu-moe {fit['cpu_moe_layers']})"] = fit
+        best = self._model_best(defaults)
+        if best is not None:
+            seeds[f"best by the bandwidth model (-ngl {best['n_gpu_layers']} "
+                  f"--n-cpu-moe {best.get('cpu_moe_layers', 0)})"] = best
+        fit, answer = self._fit_answer()
+        if fit is not None:
+            seeds[f"llama-fit-params ({answer})"] = {**defaults, **experts, **fit}
+        else:
+            self.seed_notes.append(f"no llama-fit-params seed: {answer}")
         return seeds
 
-    def _fullest_fit(self, defaults: dict[str, Any]) -> dict[str, Any] | None:
-        """The fitting (-ngl, --n-cpu-moe) pair with the most bytes on the accelerators.
+    def _model_best(self, defaults: dict[str, Any]) -> dict[str, Any] | None:
+        """Among (-ngl, --n-cpu-moe) pairs the memory model says fit, the one the roofline predicts fastest.
 
-        Token generation reads every active byte once, so with bandwidth as the bottleneck the
-        placement that keeps the most weight on the fast device is the model's best guess.
+        For each -ngl only the fewest experts in RAM that fit is a candidate: with RAM slower than the
+        accelerator, more experts in RAM never helps under the roofline.
         """
+        from placetune.predict import rank_by_prediction
+
         c = self.config
-        best: tuple[int, dict[str, Any]] | None = None
+        candidates = []
         for ngl in range(self.facts["n_gpu_layers_max"], -1, -1):
             for n in range(self.facts["n_moe_layers"] + 1):
                 params = {**defaults, "n_gpu_layers": ngl, "cpu_moe_layers": n,
                           "cpu_moe_position": "first", "cpu_moe_kinds": "all"}
                 placement = to_placement(params, c.anatomy)
                 if self.feasibility(placement).fits:
-                    weights = bytes_per_buffer(c.anatomy, placement, c.devices)
-                    on_accel = sum(b for d, b in weights.items() if d != "CPU")
-                    if best is None or on_accel > best[0]:
-                        best = (on_accel, params)
-                    break  # more experts in RAM only moves bytes off the accelerator
-        return best[1] if best else None
+                    candidates.append((params, placement))
+                    break
+        ranked = rank_by_prediction(c.anatomy, candidates, c.devices, self.bandwidths)
+        return ranked[0][0] if ranked else None
+
+    def _fit_answer(self) -> tuple[dict[str, Any] | None, str]:
+        """llama-fit-params' placement for the same memory (budgets become its margins)."""
+        from placetune.fit import fit_margins, fit_params
+
+        c = self.config
+        free = [(d.name, d.free_bytes) for d in c.machine.accelerators]
+        free.sort(key=lambda d: not d[0].startswith("RPC"))
+        margins = fit_margins(free, c.budgets, c.margin)
+        return fit_params(c.model, c.anatomy, margins, c.n_ctx, rpc=c.rpc)
+
+    @functools.cached_property
+    def bandwidths(self) -> dict[str, Any]:
+        """Per-device bandwidths for the roofline (one short RAM probe, measured once)."""
+        from placetune.predict import machine_bandwidths
+
+        return machine_bandwidths(self.config.machine, self.config.devices)
 
     def enqueue_seeds(self) -> list[str]:
         """Enqueue the seeds into a study this worker created; return notes on any that were skipped.
@@ -343,15 +366,25 @@ class Search:
         """
         if not self.created:
             return []
-        notes = []
+        notes: list[str] = []
+        # Seeds that land on the same parameters (the bandwidth model's pick is often llama.cpp's
+        # defaults or --cpu-moe) are measured once, under all their names.
+        merged: list[tuple[list[str], dict[str, Any]]] = []
         for name, params in self.seeds().items():
             params = {k: v for k, v in params.items() if k in self.config.space.dimension_names()}
             params = {k: v for k, v in params.items() if k not in self.config.space.pinned}
+            same = next((names for names, p in merged if p == params), None)
+            if same is not None:
+                same.append(name)
+            else:
+                merged.append(([name], params))
+        for names, params in merged:
+            name = " = ".join(names)
             if not self.config.space.contains(params, self.facts):
                 notes.append(f"seed '{name}' lies outside this search space; skipped")
                 continue
             self.study.enqueue_trial(params, user_attrs={"seed_name": name}, skip_if_exists=False)
-        return notes
+        return notes + self.seed_notes
 
     # -- one trial ---------------------------------------------------------------------------
 
@@ -434,7 +467,11 @@ class Search:
         if not m.ok:
             if m.status == "oom":
                 trial.set_user_attr("oom_prediction", verdict.to_dict()["need"])
-            raise TrialFailed(f"{m.status}: {m.reason}")
+            # Pruned, not failed: TPE ignores FAIL trials but learns from pruned ones, so regions that
+            # crash or run out of memory are steered away from; and a failed measurement is a result
+            # of its placement, never retried like the trial of a worker that died.
+            trial.set_user_attr("reason", f"{m.status}: {m.reason}")
+            raise optuna.TrialPruned(trial.user_attrs["reason"])
         pp, tg = m.pp.median, m.tg.median
         if c.min_pp is not None:
             trial.set_user_attr("constraint", [c.min_pp - pp])
@@ -461,7 +498,10 @@ class Search:
                 "reason", f"screened out after 1 repetition: {value:.4g} vs best {best:.4g} (margin {threshold:.0%})"
             )
             raise optuna.TrialPruned(trial.user_attrs["reason"])
-        rest = self.runner.measure(c.model, placement, replace(w, repetitions=w.repetitions - 1))
+        # A runner that kept the model loaded is already warm from the first repetition.
+        warm = getattr(self.runner, "reuse", False)
+        rest = self.runner.measure(c.model, placement,
+                                   replace(w, repetitions=w.repetitions - 1, warmups=0 if warm else w.warmups))
         if not rest.ok:
             return rest
         rest.pp = Stats(first.pp.samples + rest.pp.samples, rest.pp.tokens_per_sample)
@@ -516,7 +556,7 @@ class Search:
                             time.sleep(POLL_S)
                             continue
                         self.study.optimize(self.objective, n_trials=1, callbacks=[after_trial],
-                                            catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False)
+                                            catch=(), gc_after_trial=False, show_progress_bar=False)
                     finally:
                         self._unlock_budget()
         finally:
@@ -560,10 +600,21 @@ class Search:
         with self._working():
             self._final_rounds(top, combined)
         results = [(t, combined[t.number]) for t in top if combined[t.number].ok]
-        if c.objective != "pareto":
-            results.sort(key=lambda r: objective_value(c.objective, r[1].pp.median, r[1].tg.median, c.workload),
-                         reverse=c.objective != "latency")
+        # Pareto: every front member is a winner; the one printed as the server line is the one with
+        # the shortest request for the workload given (--prompt-tokens/--gen-tokens).
+        objective = "latency" if c.objective == "pareto" else c.objective
+        results.sort(key=lambda r: objective_value(objective, r[1].pp.median, r[1].tg.median, c.workload),
+                     reverse=objective != "latency")
         return results
+
+    def no_winner_reason(self) -> str:
+        """Why no trial could be named the winner, in one line."""
+        complete = self._complete()
+        if self.config.min_pp is not None and complete:
+            best_pp = max(t.user_attrs.get("pp") or 0 for t in complete)
+            return (f"no trial reached --min-pp {self.config.min_pp:g} t/s (the fastest prompt processing measured "
+                    f"was {best_pp:.1f} t/s); lower --min-pp or widen the search space")
+        return "no trial finished successfully; trials.csv lists each one's reason (placetune bench shows one run)"
 
     def _final_rounds(self, top: list[optuna.trial.FrozenTrial], combined: dict[int, Measurement]) -> None:
         c = self.config
@@ -598,6 +649,8 @@ class Search:
 
     def best_record(self, winner: optuna.trial.FrozenTrial, m: Measurement) -> dict[str, Any]:
         """The best.json document."""
+        from placetune.predict import prediction_record
+
         c = self.config
         placement = Placement.from_dict(winner.user_attrs["placement"])
         value = objective_value(c.objective if c.objective != "pareto" else "latency", m.pp.median, m.tg.median,
@@ -619,6 +672,7 @@ class Search:
             "server_command": render_server_command(str(c.model.resolve()), placement, rpc=c.rpc),
             "measurement": m.to_dict(),
             "objective_value": value,
+            "predicted": prediction_record(c.anatomy, placement, c.devices, self.bandwidths, measured_tg=m.tg.median),
             "baselines": self.baselines(),
         }
 

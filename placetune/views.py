@@ -243,7 +243,16 @@ def search_summary(record: dict[str, Any], finals: list[tuple[FrozenTrial, Measu
     console.print(table)
     for line in failed:
         console.print(f"[dim]{line}[/]", highlight=False)
-    if len(finals) > 1:
+    if record["study"]["objective"] == "pareto":
+        front = Table(title="Pareto front: no trial here is beaten on both pp and tg (re-measured, interleaved)")
+        for col in ("trial", "pp t/s", "tg t/s", "flags"):
+            front.add_column(col, justify="left" if col == "flags" else "right")
+        for t, fm in finals:
+            front.add_row(str(t.number), f"{fm.pp.median:.2f}", f"{fm.tg.median:.2f}", t.user_attrs.get("flags", ""))
+        console.print(front)
+        console.print("the server line below is the front member with the shortest request for this workload",
+                      highlight=False)
+    elif len(finals) > 1:
         console.print("final interleaved re-measure: " + ", ".join(
             f"trial {t.number} pp {fm.pp.median:.1f} tg {fm.tg.median:.1f}" for t, fm in finals), highlight=False)
     console.print("[bold]flags:[/] " + record["flags"], highlight=False, markup=True)
