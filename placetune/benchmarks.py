@@ -101,6 +101,7 @@ def bench_search_efficiency(model: Path, rpc: str, n_trials: int) -> dict[str, A
         m = runner.measure(model, placement, GRID_WORKLOAD)
         grid[flags] = objective_value("latency", m.pp.median, m.tg.median, GRID_WORKLOAD) if m.ok else float("inf")
     grid_s = time.perf_counter() - started
+    runner.close()  # ggml-rpc-server serves one client at a time; the search's seeds need it too
 
     with tempfile.TemporaryDirectory() as tmp:
         config = SearchConfig(
@@ -115,6 +116,8 @@ def bench_search_efficiency(model: Path, rpc: str, n_trials: int) -> dict[str, A
         finals = search.final_measure()
         search_s = time.perf_counter() - started
     runner.close()
+    if not finals:
+        raise SystemExit(f"search named no winner: {search.no_winner_reason()}")
     winner_flags = finals[0][0].user_attrs["flags"]
     best_grid_flags = min(grid, key=grid.__getitem__)
     # Judge both winners on the grid's own measurements, so noise between sessions does not decide.

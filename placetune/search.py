@@ -53,6 +53,7 @@ from placetune.runners.base import Measurement, Runner, Stats, Workload
 from placetune.space import SearchSpace, facts_for, to_placement
 
 OBJECTIVES = ("latency", "tg", "pp", "pareto")
+PLACEMENT_PARAMS = ("n_gpu_layers", "cpu_moe_layers", "cpu_moe_position", "cpu_moe_start", "cpu_moe_kinds")
 SCREEN_MARGIN = 0.10  # a screened trial must be this much worse than the best (or 3x the noise) to be cut
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 MAX_RETRY = 3  # a trial whose worker died is run again at most this many times
@@ -380,9 +381,14 @@ class Search:
                 merged.append(([name], params))
         for names, params in merged:
             name = " = ".join(names)
-            if not self.config.space.contains(params, self.facts):
-                notes.append(f"seed '{name}' lies outside this search space; skipped")
+            outside = self.config.space.outside(params, self.facts)
+            if any(k in PLACEMENT_PARAMS for k in outside):
+                notes.append(f"seed '{name}' puts tensors where this search space cannot ({', '.join(outside)}); "
+                             "skipped")
                 continue
+            # A runtime knob the space does not offer (say -ub 512 when it searches 64 and 256) is left
+            # to the sampler: the seed is about where tensors go.
+            params = {k: v for k, v in params.items() if k not in outside}
             self.study.enqueue_trial(params, user_attrs={"seed_name": name}, skip_if_exists=False)
         return notes + self.seed_notes
 

@@ -87,20 +87,21 @@ class SearchSpace:
                 params[dim.name] = trial.suggest_int(dim.name, low, high, step=dim.step)
         return params
 
-    def contains(self, params: dict[str, Any], facts: dict[str, int]) -> bool:
-        """Whether a seed's parameters lie inside this space (Optuna refuses others)."""
+    def outside(self, params: dict[str, Any], facts: dict[str, int]) -> list[str]:
+        """The names of a seed's parameters that this space cannot take (Optuna refuses those)."""
+        bad = []
         for dim in self.dimensions:
             if dim.name not in params:
                 continue
             value = params[dim.name]
             if dim.choices is not None:
-                if value not in dim.choices:
-                    return False
+                inside = value in dim.choices
             else:
                 low, high = self.bounds(dim, facts)
-                if not low <= value <= high or (value - low) % dim.step:
-                    return False
-        return all(self.pinned.get(k, v) == v for k, v in params.items())
+                inside = low <= value <= high and not (value - low) % dim.step
+            if not inside:
+                bad.append(dim.name)
+        return bad + [k for k, v in params.items() if k in self.pinned and self.pinned[k] != v]
 
     def dimension_names(self) -> list[str]:
         return [d.name for d in self.dimensions]
