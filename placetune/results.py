@@ -93,27 +93,28 @@ def write_results(out_dir: Path, study: optuna.Study, best: dict[str, Any] | Non
     return paths
 
 
+def _read_json(path: Path, what: str) -> Any:
+    if not path.exists():
+        raise PlacetuneError(f"{path} not found; give {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PlacetuneError(f"{path} is not valid JSON ({exc})") from None
+
+
 def load_best(path: Path) -> BestPlan:
     """A best.json, or a results folder holding one."""
     if path.is_dir():
         path = path / "best.json"
-    if not path.exists():
-        raise PlacetuneError(f"{path} not found; give a best.json or the results folder of a search")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PlacetuneError(f"{path} is not valid JSON ({exc})") from None
-    if "placement" not in data or "model" not in data:
+    data = _read_json(path, "a best.json or the results folder of a search")
+    if not isinstance(data, dict) or "placement" not in data or "model" not in data:
         raise PlacetuneError(f"{path} is not a placetune best.json (no placement/model)")
     return BestPlan(data)
 
 
 def load_placement(path: Path) -> Placement:
     """A placement JSON, or the placement inside a best.json."""
-    if not path.exists():
-        raise PlacetuneError(f"{path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PlacetuneError(f"{path} is not valid JSON ({exc})") from None
-    return Placement.from_dict(data.get("placement", data) if isinstance(data, dict) else {})
+    data = _read_json(path, "a placement JSON or a best.json")
+    if not isinstance(data, dict):
+        raise PlacetuneError(f"{path} is not a placement (a JSON object with n_gpu_layers, overrides, ...)")
+    return Placement.from_dict(data.get("placement", data))
