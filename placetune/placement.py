@@ -598,9 +598,3 @@ def bytes_per_buffer(anatomy: Anatomy, placement: Placement, devices: Sequence[s
         buft = tensor_buffer(t, placement, layer_dev)
         out[buft] = out.get(buft, 0) + t.n_bytes
     return out
-
-
-def tensors_by_buffer(anatomy: Anatomy, placement: Placement, devices: Sequence[str] = ()) -> dict[str, str]:
-    """Tensor name -> predicted buffer type, for checking against what llama.cpp reports."""
-    layer_dev = layer_devices(anatomy.facts.n_layers, placement.n_gpu_layers, devices, placement.tensor_split)
-    return {t.name: tensor_buffer(t, placement, layer_dev) for t in anatomy.tensors}

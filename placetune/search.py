@@ -87,7 +87,6 @@ class SearchConfig:
     screen: bool = True
     rpc: Sequence[str] = ()
     runner_name: str = "embedded"
-    extra_seeds: dict[str, Placement] = field(default_factory=dict)
     heartbeat_s: int = 60
     grace_s: int | None = None
     allow_mixed_hardware: bool = False

@@ -14,7 +14,6 @@ from placetune.placement import ExpertRule, Placement
 
 _OVERRIDDEN = re.compile(r"tensor (\S+) \([^)]*\) buffer type overridden to (\S+)")
 _BUFFER_SIZE = re.compile(r"^\S+:\s+(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+) MiB", re.M)
-_BUILD = re.compile(r"^build: (\d+) \(([0-9a-f]+)\)", re.M)
 
 
 def overridden_tensors(log: str) -> dict[str, str]:
@@ -30,12 +29,6 @@ def buffer_sizes(log: str) -> dict[str, dict[str, int]]:
         sizes = out.setdefault(kind, {})
         sizes[dev] = sizes.get(dev, 0) + round(float(mib) * 1024 * 1024)
     return out
-
-
-def build_of(log: str) -> dict[str, str]:
-    """llama.cpp build number and commit from a binary's `build: N (commit)` line."""
-    m = _BUILD.search(log)
-    return {"build_number": m.group(1), "commit": m.group(2)} if m else {}
 
 
 def _device_of(buft: str) -> str:
