@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,22 @@ def llama_generate() -> Callable[..., dict[str, Any]]:
     return generate
 
 
+# ggml-rpc-server and a single-threaded client on a 2-core VM: round-trip latency, and so tg, is
+# bimodal depending on where the scheduler puts the two processes. Speed comparisons pin both here.
+RPC_CPU = 0
+
+
+@contextmanager
+def on_rpc_cpu() -> Iterator[None]:
+    """Run what is started inside (llama.cpp children inherit it) on the RPC server's CPU."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {RPC_CPU})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 @pytest.fixture(scope="session")
 def rpc_server(make_model: Callable[..., Path]) -> Iterator[str]:
     """A real second device for the session: ggml-rpc-server on a free loopback port, stopped at the end."""
@@ -107,6 +125,7 @@ def rpc_server(make_model: Callable[..., Path]) -> Iterator[str]:
     proc = subprocess.Popen(
         [str(find_binary("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {RPC_CPU}),
     )
     try:
         deadline = time.monotonic() + 30

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import on_rpc_cpu
 
 from placetune.anatomy import read_anatomy
 from placetune.memory import predict_memory
@@ -38,8 +39,9 @@ def close(reported: int, predicted: int) -> bool:
 def test_rpc_placement_moves_real_bytes_and_changes_speed(runner_name: str, tiny_moe: Path, rpc_server: str) -> None:
     anatomy = read_anatomy(tiny_moe)
     runner = get_runner(runner_name, rpc=[rpc_server])
-    on_rpc = runner.measure(tiny_moe, ALL_ON_RPC, WORKLOAD)
-    on_cpu = runner.measure(tiny_moe, EXPERTS_ON_CPU, WORKLOAD)
+    with on_rpc_cpu():
+        on_rpc = runner.measure(tiny_moe, ALL_ON_RPC, WORKLOAD)
+        on_cpu = runner.measure(tiny_moe, EXPERTS_ON_CPU, WORKLOAD)
     assert on_rpc.ok and on_cpu.ok, (on_rpc.reason, on_cpu.reason)
     for m, placement in ((on_rpc, ALL_ON_RPC), (on_cpu, EXPERTS_ON_CPU)):
         predicted = bytes_per_buffer(anatomy, placement, ["RPC0"])
