@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import subprocess
 import tempfile
@@ -165,20 +164,14 @@ def main() -> None:
     runners = bench_runners(model)
     print(f"  pp ratio {runners['ratio_pp']:.3f}, tg ratio {runners['ratio_tg']:.3f}", flush=True)
 
-    # On few cores tg over RPC is bimodal depending on where the scheduler puts the server and the
-    # client; both run on one core here so grid and search see the same rig.
     port = free_port()
     server = subprocess.Popen([str(find_binary("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              preexec_fn=lambda: os.sched_setaffinity(0, {0}))
-    affinity = os.sched_getaffinity(0)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        os.sched_setaffinity(0, {0})
         time.sleep(1.0)
         print("search efficiency: exhaustive grid, then search, on the RPC rig ...", flush=True)
         efficiency = bench_search_efficiency(model, f"127.0.0.1:{port}", args.search_trials)
     finally:
-        os.sched_setaffinity(0, affinity)
         server.terminate()
         server.wait(timeout=10)
     print(f"  best(search)/best(grid) {efficiency['quality_ratio']:.3f}, "
