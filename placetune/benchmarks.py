@@ -15,7 +15,6 @@ import argparse
 import itertools
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +27,7 @@ from placetune.hardware import probe_machine
 from placetune.placement import parse_flags, render_flags
 from placetune.runners import get_runner
 from placetune.runners.base import Measurement, Workload
-from placetune.runners.binaries import find_binary
-from placetune.runners.llama_server import free_port
+from placetune.runners.rpc import rpc_server
 from placetune.search import Search, SearchConfig, objective_value
 from placetune.space import Dimension, SearchSpace, to_placement
 from placetune.synth import tiny_spec, write_model
@@ -164,16 +162,9 @@ def main() -> None:
     runners = bench_runners(model)
     print(f"  pp ratio {runners['ratio_pp']:.3f}, tg ratio {runners['ratio_tg']:.3f}", flush=True)
 
-    port = free_port()
-    server = subprocess.Popen([str(find_binary("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        time.sleep(1.0)
+    with rpc_server() as endpoint:
         print("search efficiency: exhaustive grid, then search, on the RPC rig ...", flush=True)
-        efficiency = bench_search_efficiency(model, f"127.0.0.1:{port}", args.search_trials)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+        efficiency = bench_search_efficiency(model, endpoint, args.search_trials)
     print(f"  best(search)/best(grid) {efficiency['quality_ratio']:.3f}, "
           f"time(search)/time(grid) {efficiency['time_ratio']:.3f}", flush=True)
     (args.out / "bench.json").write_text(json.dumps({"runners": runners, "search_efficiency": efficiency}, indent=2))

@@ -7,7 +7,6 @@ budget becomes llama-fit-params' per-device margin (free memory minus the budget
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from placetune.anatomy import Anatomy, Group
 from placetune.errors import PlacetuneError
 from placetune.placement import layer_devices, parse_flags, tensor_buffer
-from placetune.runners.binaries import find_binary
+from placetune.runners.binaries import find_binary, run_to_end
 from placetune.space import moe_layers
 
 MIB = 2**20
@@ -41,13 +40,12 @@ def fit_params(model: Path, anatomy: Anatomy, margins: Sequence[int], n_ctx: int
     command = [str(binary), "-m", str(model), "-fitt", ",".join(map(str, margins)), "-fitc", str(n_ctx)]
     if rpc:
         command += ["--rpc", ",".join(rpc)]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, start_new_session=True)
-    except subprocess.TimeoutExpired:
+    run = run_to_end(command, timeout_s)
+    if run.timed_out:
         return None, f"llama-fit-params did not answer in {timeout_s:.0f} s"
-    lines = [line for line in proc.stdout.splitlines() if line.strip().startswith("-")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    lines = [line for line in run.stdout.splitlines() if line.strip().startswith("-")]
+    if run.returncode != 0 or not lines:
+        tail = (run.log.strip().splitlines() or ["no output"])[-1]
         return None, f"llama-fit-params failed: {tail[:200]}"
     try:
         placement = parse_flags(lines[-1])

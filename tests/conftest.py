@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,36 +115,12 @@ def rpc_server(make_model: Callable[..., Path]) -> Iterator[str]:
     """A real second device for the session: ggml-rpc-server on a free loopback port, stopped at the end."""
     from placetune.placement import Placement
     from placetune.runners.base import Workload
-    from placetune.runners.binaries import find_binary
     from placetune.runners.embedded import EmbeddedRunner
-    from placetune.runners.llama_server import free_port
+    from placetune.runners.rpc import rpc_server as start_rpc_server
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(find_binary("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, {RPC_CPU}),
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ggml-rpc-server did not start on port {port}") from None
-                time.sleep(0.1)
-        endpoint = f"127.0.0.1:{port}"
+    with start_rpc_server(cpu=RPC_CPU) as endpoint:
         # The first client of a fresh ggml-rpc-server runs several times slower than later ones; one
         # throwaway run keeps that out of the tests' numbers.
         EmbeddedRunner(rpc=[endpoint]).measure(make_model("qwen3moe"), Placement(n_gpu_layers=999, repack=False),
                                                Workload(n_prompt=16, n_gen=16, repetitions=1, warmups=1))
         yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -193,17 +193,17 @@ def _last_json(out: str | None) -> dict[str, Any]:
 
 def probe_llama(rpc: Sequence[str] = (), timeout_s: float = 60.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The devices llama-cpp-python's llama.cpp sees (RPC servers included) and its build, from a child."""
-    request = json.dumps({"probe": True, "rpc": list(rpc)})
+    worker = _Worker(key="probe")
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "placetune.runners.embedded_child"],
-            input=request, capture_output=True, text=True, timeout=timeout_s, start_new_session=True,
-        )
-    except subprocess.TimeoutExpired:
+        result, timed_out = worker.ask({"probe": True, "rpc": list(rpc)}, timeout_s)
+    finally:
+        returncode = worker.stop()
+        log = worker.log()
+        worker.close_log()
+    if timed_out:
         where = f" (RPC {', '.join(rpc)})" if rpc else ""
-        raise PlacetuneError(f"llama.cpp device probe did not answer in {timeout_s:.0f} s{where}") from None
-    result = _last_json(proc.stdout)
+        raise PlacetuneError(f"llama.cpp device probe did not answer in {timeout_s:.0f} s{where}")
     if result.get("status") != OK:
-        status, reason = classify_failure(proc.returncode, proc.stderr)
+        status, reason = classify_failure(returncode, log)
         raise PlacetuneError(f"llama.cpp device probe failed ({status}): {result.get('reason') or reason}")
     return result["devices"], result["build"]

@@ -237,21 +237,22 @@ class Worker:
                     _fail(out, "oom" if rc in (1, -2) else "error", f"llama_decode returned {rc}")
                 done += n
 
-        def prompt_pass(n: int) -> float:
+        def prefill() -> None:
+            """An empty KV cache, then `depth` tokens in it (untimed), like llama-bench -d."""
             llama_cpp.llama_memory_clear(memory, True)
             if depth:
                 decode(depth, 0)
                 llama_cpp.llama_synchronize(ctx)
+
+        def prompt_pass(n: int) -> float:
+            prefill()
             start = time.perf_counter()
             decode(n, depth)
             llama_cpp.llama_synchronize(ctx)
             return time.perf_counter() - start
 
         def gen_pass(n: int) -> float:
-            llama_cpp.llama_memory_clear(memory, True)
-            if depth:
-                decode(depth, 0)
-                llama_cpp.llama_synchronize(ctx)
+            prefill()
             start = time.perf_counter()
             for i in range(n):
                 decode(1, depth + i)
