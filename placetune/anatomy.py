@@ -36,10 +36,15 @@ class Group(StrEnum):
     OTHER = "other"
 
 
-EXPERT_KINDS: tuple[str, ...] = ("gate", "up", "down", "gate_up")
+# The one expert-name grammar, mirroring llama.cpp's own (common/common.h LLM_FFN_EXPS_REGEX): --cpu-moe
+# and --n-cpu-moe select exactly the tensors LLAMA_EXPERTS_REGEX matches, GroveMoE's chunk experts
+# (`chexps`) included. Kinds are listed in llama.cpp's order so rendered rules read like its own.
+EXPERT_KINDS: tuple[str, ...] = ("up", "down", "gate", "gate_up")
+EXPERT_INFIX = "_(ch|)exps"
+LLAMA_EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)" + EXPERT_INFIX
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
-_EXPERT_RE = re.compile(r"\.ffn_(gate_up|gate|up|down)_(?:ch)?exps(?:\.|$)")
+_EXPERT_RE = re.compile(r"\.ffn_(gate_up|gate|up|down)_(?:ch|)exps")
 _SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<idx>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from placetune.anatomy import EXPERT_KINDS, Anatomy, TensorInfo
+from placetune.anatomy import EXPERT_INFIX, EXPERT_KINDS, LLAMA_EXPERTS_REGEX, Anatomy, TensorInfo
 from placetune.errors import PlacetuneError
 
 ALL_LAYERS = 999  # -ngl value meaning "every layer and the output head"
@@ -48,11 +48,13 @@ class ExpertRule:
         return self.buft == "CPU" and self.include_bias and self.kinds == ALL_EXPERT_KINDS and first_n
 
     def pattern(self) -> str:
+        """The regex llama.cpp is given; with every layer, kind and bias it is llama.cpp's own --cpu-moe pattern."""
+        if self.layers is None and self.kinds == ALL_EXPERT_KINDS and self.include_bias:
+            return LLAMA_EXPERTS_REGEX
         kinds = self.kinds[0] if len(self.kinds) == 1 else "(" + "|".join(self.kinds) + ")"
         suffix = "" if self.include_bias else r"\.weight"
-        if self.layers is None:
-            return rf"\.ffn_{kinds}_exps{suffix}"
-        return rf"blk\.{layers_regex(self.layers)}\.ffn_{kinds}_exps{suffix}"
+        prefix = "" if self.layers is None else rf"blk\.{layers_regex(self.layers)}"
+        return rf"{prefix}\.ffn_{kinds}{EXPERT_INFIX}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Placement:
     no_op_offload: bool = False
     repack: bool | None = None
     ctx: int | None = None
+    parallel: int | None = None
     tensor_split: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,6 +205,7 @@ _KNOBS: tuple[_Knob, ...] = (
     _Knob("cache_type_v", "-ctv", "-ctv", ("--cache-type-v",)),
     _Knob("load_mode", "-lm", "-lm", ("--load-mode",)),
     _Knob("ctx", "-c", None, ("--ctx-size",)),
+    _Knob("parallel", "-np", None, ("--parallel",)),
 )
 
 
@@ -288,15 +292,25 @@ def render_server_command(
     host: str = "127.0.0.1",
     port: int | None = None,
     rpc: Sequence[str] = (),
+    fit_off: bool = True,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """A complete llama-server command line for this placement."""
+    """A complete llama-server command line for this placement, as measured.
+
+    llama-server's --fit is on by default and would re-place the tensors this line pins, so the line turns
+    it off; flash attention is spelled out even at its default (auto), since it changes memory and speed.
+    """
     cmd = [binary, "-m", model, "--host", host]
     if port is not None:
         cmd += ["--port", str(port)]
     if rpc:
         cmd += ["--rpc", ",".join(rpc)]
-    return cmd + render_args(placement, "server") + list(extra)
+    args = render_args(placement, "server")
+    if placement.flash_attn is None:
+        args += ["-fa", "auto"]
+    if fit_off:
+        args += ["-fit", "off"]
+    return cmd + args + list(extra)
 
 
 def render_bench_command(
@@ -323,13 +337,14 @@ def render_bench_command(
     return cmd
 
 
-def python_kwargs(placement: Placement) -> dict[str, Any]:
-    """llama-cpp-python `Llama(...)` keyword arguments for the knobs it exposes.
+def python_kwargs(placement: Placement) -> tuple[dict[str, Any], list[str]]:
+    """llama-cpp-python `Llama(...)` keyword arguments for this placement, and what `Llama()` cannot express.
 
-    `Llama()` has no tensor override argument; overrides go through placetune's embedded runner
-    (low-level API) and are returned under `tensor_buft_overrides` as (pattern, buft) pairs.
+    Every knob is mapped faithfully or named in the second list, never approximated: `Llama()` has no
+    tensor overrides, no --no-repack, no slots, and only forces flash attention on or off.
     """
     kw: dict[str, Any] = {}
+    cannot: list[str] = []
     if placement.n_gpu_layers is not None:
         kw["n_gpu_layers"] = placement.n_gpu_layers
     if placement.tensor_split is not None:
@@ -337,21 +352,32 @@ def python_kwargs(placement: Placement) -> dict[str, Any]:
     for name, key in (("threads", "n_threads"), ("batch", "n_batch"), ("ubatch", "n_ubatch"), ("ctx", "n_ctx")):
         if getattr(placement, name) is not None:
             kw[key] = getattr(placement, name)
-    if placement.flash_attn is not None:
+    if placement.threads is not None:
+        kw["n_threads_batch"] = placement.threads
+    if placement.flash_attn in ("on", "off"):
         kw["flash_attn"] = placement.flash_attn == "on"
-    if placement.load_mode is not None:
-        kw["use_mmap"] = placement.load_mode in ("auto", "mmap", "mmap+mlock")
+    else:
+        cannot.append("-fa auto (llama.cpp's default): Llama() only forces flash attention on (flash_attn=True) "
+                      "or off, and is off without it")
+    mode = placement.load_mode
+    if mode in ("none", "mmap", "mlock", "mmap+mlock"):
+        kw["use_mmap"] = mode in ("mmap", "mmap+mlock")
+        if "mlock" in mode:
+            kw["use_mlock"] = True
+    elif mode == "dio":
+        cannot.append("-lm dio (direct I/O loading)")
     if placement.no_op_offload:
         kw["op_offload"] = False
     for name in ("cache_type_k", "cache_type_v"):
         value = getattr(placement, name)
         if value is not None:
             kw["type_" + name[-1]] = ggml_type_id(value)
-    if placement.overrides:
-        kw["tensor_buft_overrides"] = [
-            (o.pattern() if isinstance(o, ExpertRule) else o.pattern, o.buft) for o in placement.overrides
-        ]
-    return kw
+    if placement.repack is False:
+        cannot.append("--no-repack (weight repacking stays on)")
+    if placement.parallel and placement.parallel > 1:
+        cannot.append(f"-np {placement.parallel} (Llama() serves one sequence)")
+    cannot += [f"-ot {o.pattern() if isinstance(o, ExpertRule) else o.pattern}={o.buft}" for o in placement.overrides]
+    return kw, cannot
 
 
 def ggml_type_id(name: str) -> int:
@@ -364,74 +390,78 @@ def ggml_type_id(name: str) -> int:
 # Parsing
 
 
-def _universe() -> tuple[list[tuple[int | None, str, str]], list[str]]:
-    """Expert tensor names (layer, kind, suffix) and non-expert names to read -ot regexes against."""
-    experts = [
-        (layer, kind, suffix)
-        for layer in range(_PARSE_MAX_LAYERS)
-        for kind in ALL_EXPERT_KINDS
-        for suffix in ("weight", "bias")
-    ]
-    others = ["token_embd.weight", "output.weight", "output_norm.weight", "rope_freqs.weight"]
-    per_layer = (
-        "attn_norm.weight attn_q.weight attn_k.weight attn_v.weight attn_output.weight attn_q_norm.weight "
-        "attn_k_norm.weight attn_sinks.weight attn_q.bias ffn_norm.weight post_attention_norm.weight "
-        "ffn_gate.weight ffn_up.weight ffn_down.weight ffn_gate_inp.weight ffn_gate_inp.bias exp_probs_b.bias "
-        "ffn_gate_shexp.weight ffn_up_shexp.weight ffn_down_shexp.weight ffn_gate_inp_shexp.weight "
-        "ffn_gate_chexps.weight ffn_up_chexps.weight ffn_down_chexps.weight"
-    ).split()
-    others += [f"blk.{layer}.{leaf}" for layer in range(_PARSE_MAX_LAYERS) for leaf in per_layer]
-    return experts, others
-
-
-_UNIVERSE = _universe()
+# Expert tensor names to read a rule against: (layer, kind, suffix), each present as exps and chexps.
+_EXPERT_UNIVERSE = [(layer, kind, sfx) for layer in range(_PARSE_MAX_LAYERS) for kind in ALL_EXPERT_KINDS
+                    for sfx in ("weight", "bias")]
 
 
 def _read_rule(pattern: str, buft: str) -> Override:
-    """Read an -ot rule as an ExpertRule when it selects a rectangle of expert tensors and nothing else."""
+    """An -ot rule as an ExpertRule only when it is, character for character, the regex placetune renders for
+    some layers and kinds (llama.cpp's own --cpu-moe pattern included); any other rule stays verbatim.
+
+    A hand-written rule that also moves another tensor (`blk\\.3\\.(ffn_.*_exps|attn_kv_a_mqa)=CPU`) or that
+    spells its layers differently is applied as written, never narrowed to the nearest expert rule.
+    """
     try:
         rx = re.compile(pattern)
     except re.error as exc:
         raise PlacetuneError(f"-ot pattern {pattern!r} is not a valid regex: {exc}") from None
-    experts, others = _UNIVERSE
-    if any(rx.search(name) for name in others):
-        return RawOverride(pattern, buft)
-    hits = {(layer, kind, sfx) for layer, kind, sfx in experts if rx.search(f"blk.{layer}.ffn_{kind}_exps.{sfx}")}
-    if not hits:
+    hits = {(layer, kind, sfx) for layer, kind, sfx in _EXPERT_UNIVERSE
+            if rx.search(f"blk.{layer}.ffn_{kind}_exps.{sfx}")}
+    if not hits or {h[2] for h in hits} == {"bias"}:
         return RawOverride(pattern, buft)
     layers = sorted({h[0] for h in hits})
-    kinds = tuple(k for k in ALL_EXPERT_KINDS if any(h[1] == k for h in hits))
-    suffixes = {h[2] for h in hits}
-    if suffixes == {"bias"}:
-        return RawOverride(pattern, buft)
-    if len(hits) != len(layers) * len(kinds) * len(suffixes):
-        return RawOverride(pattern, buft)
-    all_layers = len(layers) == _PARSE_MAX_LAYERS
-    return ExpertRule(
-        layers=None if all_layers else tuple(layers),  # type: ignore[arg-type]
-        kinds=kinds,
+    rule = ExpertRule(
+        layers=None if len(layers) == _PARSE_MAX_LAYERS else tuple(layers),
+        kinds=tuple(k for k in ALL_EXPERT_KINDS if any(h[1] == k for h in hits)),
         buft=buft,
-        include_bias="bias" in suffixes,
+        include_bias=any(h[2] == "bias" for h in hits),
     )
+    return rule if rule.pattern() == pattern else RawOverride(pattern, buft)
 
 
-def _split_rules(value: str) -> list[tuple[str, str]]:
+def split_rules(value: str, tool: str = "server") -> list[tuple[str, str]]:
+    """An -ot value split into (pattern, buffer type) as llama.cpp splits it.
+
+    llama-server (common/arg.cpp) separates rules with ','; llama-bench separates rules with ';' and test
+    configurations with ','. A rule splits into pattern and buffer type at its first '='.
+    """
+    if tool == "bench":
+        if "," in value:
+            raise PlacetuneError(f"-ot {value!r}: in llama-bench spelling ',' separates test configurations and "
+                                 "placetune measures one; join the rules of one configuration with ';'")
+        parts = value.split(";")
+    else:
+        parts = value.split(",")
     rules = []
-    for part in re.split(r"[,;]", value):
+    for part in parts:
         if not part:
             continue
-        if "=" not in part:
-            raise PlacetuneError(f"-ot rule {part!r} has no '=BUFTYPE'; write it as REGEX=CPU (or =CUDA0, =RPC0)")
-        pattern, buft = part.rsplit("=", 1)
+        pattern, sep, buft = part.partition("=")
+        if not sep:
+            raise PlacetuneError(f"-ot rule {part!r} has no '=BUFTYPE'; write it as REGEX=CPU (or =CUDA0)")
         if not pattern or not buft:
             raise PlacetuneError(f"-ot rule {part!r} needs both a regex and a buffer type, as REGEX=CPU")
         rules.append((pattern, buft))
     return rules
 
 
+def check_buffer_types(placement: Placement, known: Sequence[str], tool: str = "server") -> None:
+    """Refuse, before anything is launched, an override naming a buffer type this llama.cpp build lacks."""
+    for o in placement.overrides:
+        if o.buft in known:
+            continue
+        hint = ""
+        if ";" in o.buft or "=" in o.buft:
+            hint = (" (llama-server spelling separates rules with ','; ';' is llama-bench's separator)"
+                    if tool == "server" else " (llama-bench spelling separates rules with ';')")
+        raise PlacetuneError(f"-ot buffer type {o.buft!r} is not one this llama.cpp offers "
+                             f"({', '.join(known) or 'none'}){hint}")
+
+
 _IGNORED_WITH_VALUE = {"-m", "--model", "--host", "--port", "-p", "-n", "-r", "-d", "-o", "--repetitions"}
 _KNOB_BY_FLAG = {name: k for k in _KNOBS for name in (k.server, *k.aliases) if name}
-_INT_KNOBS = {"threads", "batch", "ubatch", "ctx"}
+_INT_KNOBS = {"threads", "batch", "ubatch", "ctx", "parallel"}
 
 
 def _knob_value(knob: _Knob, raw: str, flag: str) -> Any:
@@ -457,10 +487,11 @@ def _knob_value(knob: _Knob, raw: str, flag: str) -> Any:
     return raw
 
 
-def parse_flags(args: str | Sequence[str]) -> Placement:
-    """Read llama-server or llama-bench placement flags back into a Placement.
+def parse_flags(args: str | Sequence[str], tool: str = "server") -> Placement:
+    """Read llama-server (tool="server") or llama-bench (tool="bench") placement flags back into a Placement.
 
-    A leading binary name and -m/--host/--port are skipped, so a whole command line works.
+    A leading binary name and -m/--host/--port are skipped, so a whole command line works. The two tools
+    spell several -ot rules differently (',' vs ';'), so the caller says which spelling it holds.
     Flags that are not about placement or runtime knobs are refused, never silently dropped.
     """
     tokens = shlex.split(args) if isinstance(args, str) else list(args)
@@ -487,12 +518,11 @@ def parse_flags(args: str | Sequence[str]) -> Placement:
             if raw == "all":
                 values["n_gpu_layers"] = ALL_LAYERS
             elif raw != "auto":
-                try:
-                    values["n_gpu_layers"] = int(raw)
-                except ValueError:
-                    raise PlacetuneError(f"{flag} takes a number, 'all' or 'auto', got {raw!r}") from None
+                if not raw.isdigit():
+                    raise PlacetuneError(f"{flag} takes a layer count (0 or more), 'all' or 'auto', got {raw!r}")
+                values["n_gpu_layers"] = int(raw)
         elif flag in ("-ot", "--override-tensor"):
-            overrides += [_read_rule(p, b) for p, b in _split_rules(take(flag))]
+            overrides += [_read_rule(p, b) for p, b in split_rules(take(flag), tool)]
         elif flag in ("-cmoe", "--cpu-moe"):
             overrides.append(ExpertRule(layers=None))
         elif flag in ("-ncmoe", "--n-cpu-moe"):
@@ -527,12 +557,16 @@ def parse_flags(args: str | Sequence[str]) -> Placement:
                 values["repack"] = take(flag) == "1"
             else:
                 values["repack"] = True
+        elif flag in ("-fit", "--fit"):
+            if take(flag) not in ("off", "0", "false"):
+                raise PlacetuneError(f"{flag} on lets llama.cpp re-place the tensors at start-up; placetune measures "
+                                     "a placement as given: pass -fit off, or run llama-fit-params for its answer")
         elif flag in _IGNORED_WITH_VALUE:
             take(flag)
         else:
             raise PlacetuneError(
-                f"unsupported llama.cpp flag {tok!r}; placetune reads -ngl, -ot, --cpu-moe, --n-cpu-moe, -ts, "
-                "-t, -b, -ub, -fa, -ctk, -ctv, -c, -lm/--no-mmap, --no-op-offload and --repack/--no-repack"
+                f"unsupported llama.cpp flag {tok!r}; placetune reads -ngl, -ot, --cpu-moe, --n-cpu-moe, -ts, -t, -b, "
+                "-ub, -fa, -ctk, -ctv, -c, -np, -fit off, -lm/--no-mmap, --no-op-offload and --repack/--no-repack"
             )
         i += 1
     return Placement(overrides=tuple(overrides), **values)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placetune.anatomy import read_anatomy
+from placetune.anatomy import Group, classify, read_anatomy
 from placetune.errors import PlacetuneError
 from placetune.placement import (
     ALL_EXPERT_KINDS,
@@ -18,6 +19,7 @@ from placetune.placement import (
     Placement,
     RawOverride,
     bytes_per_buffer,
+    check_buffer_types,
     layers_regex,
     parse_flags,
     python_kwargs,
@@ -25,6 +27,7 @@ from placetune.placement import (
     render_flags,
     render_ot,
     render_server_command,
+    split_rules,
 )
 
 N_LAYERS = 64
@@ -32,7 +35,8 @@ NON_EXPERT = ["attn_q.weight", "attn_norm.weight", "ffn_gate_inp.weight", "ffn_u
               "ffn_gate_shexp.weight", "exp_probs_b.bias", "ffn_norm.weight"]
 NAMES = (
     ["token_embd.weight", "output.weight", "output_norm.weight"]
-    + [f"blk.{i}.ffn_{k}_exps.{s}" for i in range(N_LAYERS) for k in ALL_EXPERT_KINDS for s in ("weight", "bias")]
+    + [f"blk.{i}.ffn_{k}_{ch}exps.{s}" for i in range(N_LAYERS) for k in ALL_EXPERT_KINDS for s in ("weight", "bias")
+       for ch in ("", "ch")]
     + [f"blk.{i}.{leaf}" for i in range(N_LAYERS) for leaf in NON_EXPERT]
 )
 
@@ -58,11 +62,13 @@ placements = st.builds(
     load_mode=st.one_of(st.none(), st.sampled_from(["none", "mmap", "auto"])),
     no_op_offload=st.booleans(),
     repack=st.one_of(st.none(), st.booleans()),
+    ctx=st.one_of(st.none(), st.sampled_from([4096, 8192])),
+    parallel=st.one_of(st.none(), st.integers(1, 4)),
 )
 
 
 def intended(rule: ExpertRule, name: str) -> bool:
-    m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate_up|gate|up|down)_exps\.(weight|bias)", name)
+    m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate_up|gate|up|down)_(?:ch|)exps\.(weight|bias)", name)
     if not m:
         return False
     layer, kind, suffix = int(m[1]), m[2], m[3]
@@ -89,14 +95,17 @@ def test_layer_regex_matches_exactly_those_layers(layers: set[int]) -> None:
 @given(placements)
 def test_parse_render_round_trip(p: Placement) -> None:
     assert parse_flags(render_flags(p)) == p
-    assert parse_flags(shlex.join(render_server_command("m.gguf", p))) == p
+    # The server line spells out flash attention at its default and turns --fit off: the line as measured.
+    line = render_server_command("m.gguf", p)
+    assert line[-2:] == ["-fit", "off"]
+    assert parse_flags(shlex.join(line)) == replace(p, flash_attn=p.flash_attn or "auto")
 
 
 @settings(max_examples=100, deadline=None)
 @given(placements)
 def test_bench_spelling_round_trips_the_overrides(p: Placement) -> None:
-    back = parse_flags(render_args(p, "bench"))
-    # llama-bench has no -c; everything else survives, --cpu-moe included (written as a regex).
+    back = parse_flags(render_args(p, "bench"), tool="bench")
+    # llama-bench has no -c or -np; everything else survives, --cpu-moe included (written as a regex).
     assert back.overrides == p.overrides or render_ot(back) == render_ot(p)
     assert (back.threads, back.ubatch, back.flash_attn, back.repack) == (p.threads, p.ubatch, p.flash_attn, p.repack)
 
@@ -106,7 +115,7 @@ def test_compact_regex_and_n_cpu_moe() -> None:
         ExpertRule(layers=tuple(range(10, 24)), kinds=("gate", "up"), include_bias=False),
         ExpertRule(layers=(0, 1, 2)),
     ))
-    assert render_flags(p) == r"-ngl 99 -ot 'blk\.(1[0-9]|2[0-3])\.ffn_(gate|up)_exps\.weight=CPU' --n-cpu-moe 3"
+    assert render_flags(p) == r"-ngl 99 -ot 'blk\.(1[0-9]|2[0-3])\.ffn_(up|gate)_(ch|)exps\.weight=CPU' --n-cpu-moe 3"
     bench = render_args(p, "bench")
     assert bench[bench.index("-ncmoe") + 1] == "3"
     # --n-cpu-moe is only used when it is the last rule: llama.cpp appends it after every -ot.
@@ -123,15 +132,40 @@ def test_several_rules_join_with_comma_for_server_and_semicolon_for_bench() -> N
     assert bench[bench.index("-ot") + 1].count(";") == 1
 
 
-def test_hand_written_regexes_are_read_as_expert_rules() -> None:
-    p = parse_flags(r"-ngl 99 -ot '\.ffn_.*_exps\.=CPU'")
-    assert p.overrides == (ExpertRule(layers=None, kinds=ALL_EXPERT_KINDS, buft="CPU", include_bias=True),)
-    p = parse_flags(r"-ot 'blk\.(2[0-9]|3[0-9])\.ffn_(up|gate)_exps=CPU'")
-    assert p.overrides[0].layers == tuple(range(20, 40))
-    assert p.overrides[0].kinds == ("gate", "up")
-    # A rule that also catches non-expert tensors stays a raw rule, applied verbatim.
-    p = parse_flags(r"-ot 'blk\.1\.ffn_.*=CPU'")
-    assert p.overrides == (RawOverride(r"blk\.1\.ffn_.*", "CPU"),)
+def test_hand_written_rules_are_applied_verbatim_never_narrowed() -> None:
+    # llama.cpp's own --cpu-moe pattern, and placetune's own rendering, are structural rules.
+    p = parse_flags(["-ngl", "99", "-ot", r"\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU"])
+    assert p.overrides == (ExpertRule(layers=None),) and "--cpu-moe" in render_flags(p)
+    p = parse_flags(["-ot", r"blk\.(2[0-9]|3[0-9])\.ffn_(up|gate)_(ch|)exps=CPU"])
+    assert p.overrides == (ExpertRule(layers=tuple(range(20, 40)), kinds=("up", "gate")),)
+    # Anything else stays exactly as written: it may move more than experts, or fewer.
+    for pattern in (r"blk\.3\.(ffn_.*_exps|attn_kv_a_mqa)", r"\.ffn_.*_exps\.", r"blk\.1\.ffn_.*",
+                    r"blk\.(2[0-9]|3[0-9])\.ffn_(up|gate)_exps"):
+        p = parse_flags(["-ot", f"{pattern}=CPU"])
+        assert p.overrides == (RawOverride(pattern, "CPU"),)
+        assert render_args(p) == ["-ot", f"{pattern}=CPU"]
+
+
+def test_expert_rules_cover_chunk_experts_like_llama_cpp() -> None:
+    # GroveMoE's chunk experts: --n-cpu-moe moves them in llama.cpp, so placetune's rules must too.
+    rule = parse_flags("--n-cpu-moe 2").overrides[0]
+    rx = re.compile(rule.pattern())
+    assert rx.search("blk.1.ffn_up_chexps.weight") and not rx.search("blk.2.ffn_up_chexps.weight")
+    assert classify("blk.1.ffn_down_chexps.weight")[:2] == (Group.EXPERT, "down")
+
+
+def test_rules_split_as_each_tool_splits_them() -> None:
+    assert split_rules("a=CPU,b=c=RPC0[127.0.0.1:5]") == [("a", "CPU"), ("b", "c=RPC0[127.0.0.1:5]")]
+    assert split_rules("a=CPU;b=CPU", "bench") == [("a", "CPU"), ("b", "CPU")]
+    with pytest.raises(PlacetuneError, match="test configurations"):
+        split_rules("a=CPU,b=CPU", "bench")
+    # llama-server splits at ',' only, so a ';' list is one rule with an impossible buffer type.
+    p = parse_flags(["-ot", "a=CPU;b=CPU"])
+    with pytest.raises(PlacetuneError, match="llama-bench's separator"):
+        check_buffer_types(p, ["CPU", "RPC0[127.0.0.1:5]"])
+    with pytest.raises(PlacetuneError, match=r"'FOO0' is not one this llama\.cpp offers"):
+        check_buffer_types(parse_flags(["-ot", "x=FOO0"]), ["CPU"])
+    check_buffer_types(parse_flags(["-ot", "x=RPC0[127.0.0.1:5]"]), ["CPU", "RPC0[127.0.0.1:5]"])
 
 
 def test_older_spellings_are_read() -> None:
@@ -143,7 +177,9 @@ def test_older_spellings_are_read() -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ("-ngl lots", "-ngl takes a number"),
+        ("-ngl lots", "-ngl takes a layer count"),
+        ("-ngl -5", "-ngl takes a layer count"),
+        ("-fit on", "re-place the tensors"),
         ("-ot nobuffer", "has no '=BUFTYPE'"),
         ("-ot '(=CPU'", "not a valid regex"),
         ("--mystery 3", "unsupported llama.cpp flag"),
@@ -158,10 +194,13 @@ def test_bad_flags_say_what_is_wrong(flags: str, message: str) -> None:
 
 
 def test_python_kwargs() -> None:
-    kw = python_kwargs(parse_flags("-ngl 20 -t 8 -ub 1024 -fa on -ctk q8_0 --no-mmap --n-cpu-moe 2"))
-    assert kw["n_gpu_layers"] == 20 and kw["n_threads"] == 8 and kw["n_ubatch"] == 1024
+    kw, cannot = python_kwargs(parse_flags("-ngl 20 -t 8 -ub 1024 -fa on -ctk q8_0 --no-mmap --n-cpu-moe 2 -c 4096"))
+    assert kw["n_gpu_layers"] == 20 and kw["n_threads"] == 8 and kw["n_ubatch"] == 1024 and kw["n_ctx"] == 4096
     assert kw["flash_attn"] is True and kw["use_mmap"] is False and kw["type_k"] == 8
-    assert kw["tensor_buft_overrides"] == [(r"blk\.[0-1]\.ffn_(gate|up|down|gate_up)_exps", "CPU")]
+    assert cannot == [r"-ot blk\.[0-1]\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU"]
+    # What Llama() cannot say is named, never approximated: auto flash attention is not flash_attn=False.
+    kw, cannot = python_kwargs(parse_flags("-fa auto --no-repack -np 4"))
+    assert "flash_attn" not in kw and len(cannot) == 3 and "-fa auto" in cannot[0]
 
 
 def test_bytes_per_buffer_follows_llama_cpp_layer_rules(tiny_moe: Path) -> None:
