@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from placetune.anatomy import Anatomy
-from placetune.errors import PlacetuneError
 from placetune.placement import Placement, bytes_per_buffer, layer_devices
-from placetune.units import human_bytes, parse_size
+from placetune.units import human_bytes
 
 DEFAULT_UBATCH = 512
 DEFAULT_MARGIN = 512 * 2**20  # per accelerator, for the CUDA/driver context and fragmentation
@@ -33,18 +32,6 @@ class DeviceNeed:
     @property
     def total(self) -> int:
         return self.weights + self.kv + self.compute
-
-
-def parse_budgets(items: Sequence[str]) -> dict[str, int]:
-    """['CUDA0=20GiB', 'RPC0=64MiB'] -> {'CUDA0': ..., 'RPC0': ...}."""
-    out = {}
-    for item in items:
-        for part in item.split(","):
-            if "=" not in part:
-                raise PlacetuneError(f"budget {part!r} must look like DEVICE=SIZE, e.g. CUDA0=20GiB")
-            dev, size = part.split("=", 1)
-            out[dev.strip()] = parse_size(size)
-    return out
 
 
 def _bytes_per_element(type_name: str) -> float:

@@ -1,4 +1,5 @@
-"""Search spaces: the TOML files in search_spaces/, their validation, and trial parameters -> Placement.
+"""Search spaces: the TOML files shipped in placetune/search_spaces/, validated as typed records, and trial
+parameters -> Placement.
 
 A space file lists dimensions under [params.NAME]: either `choices = [...]` or `type = "int"` with
 `low`/`high` (inclusive) and an optional `step`. Bounds may name a fact of the model or machine:
@@ -10,19 +11,22 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from placetune.anatomy import Anatomy, Group
 from placetune.errors import PlacetuneError
 from placetune.placement import FLASH_ATTN, KV_TYPES, LOAD_MODES, ExpertRule, Placement
+from placetune.records import one_line_error
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_PACKAGE = "placetune.search_spaces"
 FACTS = ("n_layers", "n_gpu_layers_max", "n_moe_layers", "physical_cores")
 
-# name -> (allowed values or None for "any positive int", help)
+# name -> (allowed values or None for "any whole number >= 0", help)
 PARAMS: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "n_gpu_layers": (None, "layers on the accelerator (-ngl); n_gpu_layers_max puts the output head there too"),
     "cpu_moe_layers": (None, "how many MoE layers keep their routed experts in system RAM"),
@@ -38,9 +42,45 @@ PARAMS: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "load_mode": (LOAD_MODES, "-lm (none = --no-mmap)"),
     "no_op_offload": ((False, True), "--no-op-offload"),
     "repack": ((False, True), "--repack / --no-repack"),
-    "ctx": (None, "-c, the context size the KV cache is sized for"),
 }
-_KIND_SETS = {"all": ("gate", "up", "down", "gate_up"), "gate_up": ("gate", "up", "gate_up"), "down": ("down",)}
+_POSITIVE = {"threads", "batch", "ubatch"}  # 0 would mean nothing to llama.cpp
+_KIND_SETS = {"all": ("up", "down", "gate", "gate_up"), "gate_up": ("up", "gate", "gate_up"), "down": ("down",)}
+
+
+class DimensionSpec(BaseModel):
+    """One [params.NAME] table of a space file, as written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    choices: list[Any] | None = Field(default=None, min_length=1)
+    type: Literal["int"] | None = None
+    low: int | str | None = None
+    high: int | str | None = None
+    step: int = Field(default=1, ge=1)
+    help: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DimensionSpec:
+        if self.choices is not None:
+            if self.type or self.low is not None or self.high is not None:
+                raise ValueError("give either choices = [...] or type = \"int\" with low and high, not both")
+        elif self.type != "int" or self.low is None or self.high is None:
+            raise ValueError("give choices = [...], or type = \"int\" with low and high")
+        for bound in (self.low, self.high):
+            if (isinstance(bound, int) and bound < 0) or (isinstance(bound, str) and bound not in FACTS):
+                raise ValueError(f"bound {bound!r} must be a whole number >= 0 or one of " + ", ".join(FACTS))
+        if isinstance(self.low, int) and isinstance(self.high, int) and self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        return self
+
+
+class SpaceFile(BaseModel):
+    """A whole space file: a description and at least one dimension."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    params: dict[str, DimensionSpec] = Field(min_length=1)
 
 
 @dataclass(frozen=True)
@@ -69,8 +109,21 @@ class SearchSpace:
         self.dimensions = [d for d in self.dimensions if d.name != name]
 
     def bounds(self, dim: Dimension, facts: dict[str, int]) -> tuple[int, int]:
-        low, high = (_resolve(v, facts, dim.name) for v in (dim.low, dim.high))
-        return low, max(low, high)
+        """A dimension's inclusive bounds on this model and machine; low above high is an error, not a clamp."""
+        low, high = (_resolve(v, facts) for v in (dim.low, dim.high))
+        if low > high:
+            named = ", ".join(f"{v}={facts[v]}" for v in (dim.low, dim.high) if isinstance(v, str))
+            raise PlacetuneError(f"search space {self.name} [params.{dim.name}]: low {low} is above high {high}"
+                                 + (f" here ({named})" if named else "") + "; lower low or pin it with --set")
+        if dim.name in _POSITIVE and low < 1:
+            raise PlacetuneError(f"search space {self.name} [params.{dim.name}]: values start at 1, not {low}")
+        return low, high
+
+    def check(self, facts: dict[str, int]) -> None:
+        """Resolve every bound once, before any trial: a space that cannot work on this machine fails up front."""
+        for dim in self.dimensions:
+            if dim.choices is None:
+                self.bounds(dim, facts)
 
     def suggest(self, trial: optuna.Trial, facts: dict[str, int]) -> dict[str, Any]:
         """Sample a trial's parameters (cpu_moe_start only when the position is a block)."""
@@ -106,6 +159,12 @@ class SearchSpace:
     def dimension_names(self) -> list[str]:
         return [d.name for d in self.dimensions]
 
+    def identity(self) -> dict[str, Any]:
+        """What the space is, for a study to refuse being resumed over another one."""
+        dims = [[d.name, list(d.choices) if d.choices is not None else [d.low, d.high, d.step]]
+                for d in self.dimensions]
+        return {"name": self.name, "dimensions": dims, "pinned": dict(sorted(self.pinned.items()))}
+
 
 def _coerce(raw: Any) -> Any:
     if not isinstance(raw, str):
@@ -122,19 +181,18 @@ def _coerce(raw: Any) -> Any:
 def _check_value(name: str, value: Any, where: str) -> Any:
     allowed, _ = PARAMS[name]
     if allowed is not None:
-        if value not in allowed:
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
             raise PlacetuneError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
-    elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise PlacetuneError(f"{where}: {value!r} must be a whole number >= 0")
+    elif not isinstance(value, int) or isinstance(value, bool) or value < (1 if name in _POSITIVE else 0):
+        least = 1 if name in _POSITIVE else 0
+        raise PlacetuneError(f"{where}: {value!r} must be a whole number >= {least}")
     return value
 
 
-def _resolve(value: int | str | None, facts: dict[str, int], name: str) -> int:
+def _resolve(value: int | str | None, facts: dict[str, int]) -> int:
     if isinstance(value, int):
         return value
-    if value in facts:
-        return facts[value]
-    raise PlacetuneError(f"[params.{name}]: bound {value!r} is neither a number nor one of {', '.join(FACTS)}")
+    return facts[str(value)]
 
 
 def load_space(path: Path) -> SearchSpace:
@@ -145,55 +203,62 @@ def load_space(path: Path) -> SearchSpace:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise PlacetuneError(f"{path}: not valid TOML ({exc})") from None
-    unknown = set(data) - {"description", "params"}
-    if unknown:
-        raise PlacetuneError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected description and [params.*]")
+    return parse_space(path.stem, data, str(path))
+
+
+def parse_space(name: str, data: dict[str, Any], where: str) -> SearchSpace:
+    """A space from its TOML document: the typed record first, then each value against its parameter."""
+    if not data.get("params"):
+        raise PlacetuneError(f"{where}: no [params.*] dimensions to search")
+    try:
+        doc = SpaceFile.model_validate(data)
+    except ValidationError as exc:
+        raise PlacetuneError(f"{where}: {one_line_error(exc)}") from None
     dims = []
-    for name, spec in data.get("params", {}).items():
-        where = f"{path.name} [params.{name}]"
-        if name not in PARAMS:
-            raise PlacetuneError(f"{where}: unknown parameter; known: {', '.join(PARAMS)}")
-        if not isinstance(spec, dict):
-            raise PlacetuneError(f"{where}: must be a table with choices = [...] or type/low/high")
-        bad = set(spec) - {"choices", "type", "low", "high", "step", "help"}
-        if bad:
-            raise PlacetuneError(f"{where}: unknown key(s) {sorted(bad)}; use choices, or type/low/high/step")
-        if "choices" in spec:
-            choices = spec["choices"]
-            if not isinstance(choices, list) or not choices:
-                raise PlacetuneError(f"{where}: choices must be a non-empty list")
-            dims.append(Dimension(name, tuple(_check_value(name, c, where) for c in choices)))
-        elif spec.get("type") == "int":
-            if PARAMS[name][0] is not None:
-                raise PlacetuneError(f"{where}: takes choices = [...] from {', '.join(map(str, PARAMS[name][0]))}")
-            for key in ("low", "high"):
-                v = spec.get(key)
-                if not (isinstance(v, int) and v >= 0) and v not in FACTS:
-                    raise PlacetuneError(f"{where}: {key} = {v!r} must be a whole number or one of {', '.join(FACTS)}")
-            step = spec.get("step", 1)
-            if not isinstance(step, int) or step < 1:
-                raise PlacetuneError(f"{where}: step must be a whole number >= 1")
-            dims.append(Dimension(name, None, spec["low"], spec["high"], step))
+    for param, spec in doc.params.items():
+        at = f"{where} [params.{param}]"
+        if param not in PARAMS:
+            raise PlacetuneError(f"{at}: unknown parameter; known: {', '.join(PARAMS)}")
+        if spec.choices is not None:
+            dims.append(Dimension(param, tuple(_check_value(param, c, at) for c in spec.choices)))
         else:
-            raise PlacetuneError(f"{where}: give choices = [...] or type = \"int\" with low and high")
-    if not dims:
-        raise PlacetuneError(f"{path}: no [params.*] dimensions to search")
-    return SearchSpace(path.stem, str(data.get("description", "")), dims)
+            if PARAMS[param][0] is not None:
+                raise PlacetuneError(f"{at}: takes choices = [...] from {', '.join(map(str, PARAMS[param][0]))}")
+            for bound in (spec.low, spec.high):
+                if isinstance(bound, int):
+                    _check_value(param, bound, at)
+            dims.append(Dimension(param, None, spec.low, spec.high, spec.step))
+    return SearchSpace(name, doc.description, dims)
+
+
+def _builtin(name: str) -> str | None:
+    entry = resources.files(SPACES_PACKAGE) / f"{name}.toml"
+    return entry.read_text(encoding="utf-8") if entry.is_file() else None
 
 
 def list_spaces() -> list[str]:
-    return sorted(p.stem for p in SPACES_DIR.glob("*.toml"))
+    return sorted(p.name.removesuffix(".toml") for p in resources.files(SPACES_PACKAGE).iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def builtin_space(name: str) -> SearchSpace:
+    """A space shipped with placetune (moe, dense, cpu, ...)."""
+    text = _builtin(name)
+    if text is None:
+        raise PlacetuneError(f"--space {name}: no such built-in space; use one of {', '.join(list_spaces())} "
+                             "or a path to a .toml file")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # a broken built-in is a packaging bug, still said in one line
+        raise PlacetuneError(f"built-in space {name}: not valid TOML ({exc})") from None
+    return parse_space(name, data, f"built-in space {name}")
 
 
 def resolve_space(arg: str | None, anatomy: Anatomy, has_accelerator: bool) -> SearchSpace:
-    """The user's file or built-in name, else moe/dense by model and cpu when there is no accelerator."""
-    if arg:
-        path = Path(arg)
-        if not path.suffix:
-            path = SPACES_DIR / f"{arg}.toml"
-        return load_space(path)
-    name = "cpu" if not has_accelerator else "moe" if anatomy.facts.is_moe else "dense"
-    return load_space(SPACES_DIR / f"{name}.toml")
+    """The user's file or a built-in name, else moe/dense by model and cpu when there is no accelerator."""
+    if arg and (arg.endswith(".toml") or "/" in arg):
+        return load_space(Path(arg).expanduser())
+    return builtin_space(arg or ("cpu" if not has_accelerator else "moe" if anatomy.facts.is_moe else "dense"))
 
 
 def moe_layers(anatomy: Anatomy) -> list[int]:
@@ -208,7 +273,7 @@ def facts_for(anatomy: Anatomy, physical_cores: int) -> dict[str, int]:
 
 
 def to_placement(params: dict[str, Any], anatomy: Anatomy) -> Placement:
-    """Trial parameters -> the Placement llama.cpp will be given."""
+    """Trial parameters -> the Placement llama.cpp will be given (the serving context is added by the caller)."""
     overrides: tuple[ExpertRule, ...] = ()
     n_cpu = int(params.get("cpu_moe_layers") or 0)
     layers = moe_layers(anatomy)
@@ -234,5 +299,5 @@ def to_placement(params: dict[str, Any], anatomy: Anatomy) -> Placement:
         if chosen:
             overrides = (ExpertRule(layers=tuple(chosen), kinds=kinds, buft="CPU", include_bias=all_kinds),)
     knobs = {k: params[k] for k in ("n_gpu_layers", "threads", "batch", "ubatch", "flash_attn", "cache_type_k",
-                                     "cache_type_v", "load_mode", "repack", "ctx") if k in params}
+                                     "cache_type_v", "load_mode", "repack") if k in params}
     return Placement(overrides=overrides, no_op_offload=bool(params.get("no_op_offload", False)), **knobs)

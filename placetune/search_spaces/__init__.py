@@ -1,0 +1,1 @@
+"""The built-in search spaces, shipped as package data; see placetune.space for their format."""
