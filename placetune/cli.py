@@ -9,8 +9,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from placetune.errors import PlacetuneError
+from placetune.escape import one_line
 
 app = typer.Typer(
     name="placetune",
@@ -129,7 +131,13 @@ def bench(
         raise PlacetuneError("give the placement either as --placement FILE or as flags after --, not both")
     placement = load_placement(placement_file) if placement_file else parse_flags(ctx.args)
     workload = Workload(prompt_tokens, gen_tokens, depth, reps, warmups, timeout)
-    measurer = get_runner(runner, bin_dir=llama_bin_dir, rpc=_rpc_list(rpc))
+    rpc_servers = _rpc_list(rpc)
+    if any(o.buft != "CPU" for o in placement.overrides):
+        from placetune.hardware import probe_machine
+        from placetune.placement import check_buffer_types
+
+        check_buffer_types(placement, [d.buffer_type for d in probe_machine(rpc_servers).llama_devices])
+    measurer = get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers)
     if not as_json:
         console.print(f"measuring with {runner}: {' '.join(ctx.args) or '(llama.cpp defaults)'}", highlight=False)
     m = measurer.measure(model, placement, workload)
@@ -164,13 +172,15 @@ def hw(
 def search(
     model: Annotated[Path, typer.Argument(help="GGUF model to place.")],
     objective: Annotated[str, typer.Option(help="latency (time of a typical request), tg, pp, or pareto.")] = "latency",
-    n_trials: Annotated[int, typer.Option("--n-trials", help="Trials in the study (a resumed study counts its own).")] = 30,
+    n_trials: Annotated[int, typer.Option("--n-trials", help="Trials in the study (a resumed study counts its own; a placement proposed again is not counted).")] = 30,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Stop starting trials after this many seconds.")] = None,
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
     space: Annotated[str | None, typer.Option(help="Search space: moe, dense, cpu or a .toml file (default: by model and hardware).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Pin a parameter, e.g. --set ctx=32768 (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Pin a parameter, e.g. --set ubatch=512 (repeatable).")] = None,
     budget: Annotated[list[str] | None, typer.Option("--budget", help="Memory budget per device, e.g. CUDA0=20GiB or RPC0=64MiB.")] = None,
     min_pp: Annotated[float | None, typer.Option("--min-pp", help="Constraint: prompt processing of at least this many t/s.")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", "-c", help="Serving context the placement is sized, measured and exported for (default: 8192, or the model's training context if smaller).")] = None,
+    slots: Annotated[int, typer.Option("--slots", help="llama-server slots (-np) sharing the serving context.")] = 1,
     prompt_tokens: PromptOpt = 512,
     gen_tokens: GenOpt = 128,
     depth: DepthOpt = 0,
@@ -183,7 +193,8 @@ def search(
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite:///<out>/placetune.db); postgresql://USER:PASS@HOST/DB lets workers on several hosts share one study.")] = None,
     study_name: Annotated[str | None, typer.Option("--study-name", help="Default: model, header hash, machine fingerprint, objective.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Results root; files go to OUT/<model>/<machine>/.")] = Path("results"),
-    top_k: Annotated[int, typer.Option("--top-k", help="Candidates re-measured interleaved at the end.")] = 3,
+    top_k: Annotated[int, typer.Option("--top-k", help="Best trials that meet the baselines in the final round.")] = 3,
+    final_rounds: Annotated[int, typer.Option("--final-rounds", help="Interleaved rounds of the final re-measure.")] = 2,
     no_screen: Annotated[bool, typer.Option("--no-screen", help="Give every trial all its repetitions.")] = False,
     heartbeat: Annotated[int, typer.Option("--heartbeat", min=1, help="Seconds between a worker's heartbeats in the storage.")] = 60,
     grace: Annotated[int | None, typer.Option("--grace", min=1, help="Seconds without a heartbeat before a worker's trial is failed and retried (default: 3 x --heartbeat).")] = None,
@@ -197,62 +208,74 @@ def search(
     import optuna
 
     from placetune.anatomy import read_anatomy
+    from placetune.budgets import parse_budgets
     from placetune.hardware import probe_machine
-    from placetune.memory import parse_budgets
     from placetune.results import results_dir, write_results
     from placetune.runners import get_runner
     from placetune.runners.base import Workload
-    from placetune.search import Search, SearchConfig
+    from placetune.search import Search, SearchConfig, serving_for
+    from placetune.search.loop import best_record
     from placetune.space import resolve_space
     from placetune.views import SearchProgress, search_summary
 
+    for flag, value, least in (("--n-trials", n_trials, 1), ("--top-k", top_k, 1), ("--final-rounds", final_rounds, 1),
+                               ("--slots", slots, 1)):
+        if value < least:
+            raise PlacetuneError(f"{flag} must be at least {least}, got {value}")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial is reported on the progress line
     anatomy = read_anatomy(model)
+    workload = Workload(prompt_tokens, gen_tokens, depth, reps, warmups, trial_timeout)
+    serving = serving_for(anatomy, workload, ctx, slots)
     rpc_servers = _rpc_list(rpc)
     machine = probe_machine(rpc_servers)
+    budgets = parse_budgets(budget or [], [d.name for d in machine.llama_devices])
     chosen = resolve_space(space, anatomy, bool(machine.accelerators))
     for item in set_ or []:
         if "=" not in item:
-            raise PlacetuneError(f"--set {item!r}: write it as NAME=VALUE, e.g. --set ctx=32768")
+            raise PlacetuneError(f"--set {item!r}: write it as NAME=VALUE, e.g. --set ubatch=512")
         chosen.pin(*item.split("=", 1))
     out.mkdir(parents=True, exist_ok=True)
+    progress = SearchProgress(console)
     config = SearchConfig(
-        model=model, anatomy=anatomy, machine=machine, space=chosen,
-        workload=Workload(prompt_tokens, gen_tokens, depth, reps, warmups, trial_timeout),
+        model=model.resolve(), anatomy=anatomy, machine=machine, space=chosen, workload=workload, serving=serving,
         objective=objective, n_trials=n_trials, timeout_s=timeout, seed=seed,
-        storage=storage or f"sqlite:///{out / 'placetune.db'}", study_name=study_name,
-        budgets=parse_budgets(budget or []), min_pp=min_pp, top_k=top_k, screen=not no_screen,
-        rpc=rpc_servers, runner_name=runner, heartbeat_s=heartbeat, grace_s=grace,
-        allow_mixed_hardware=allow_mixed_hardware, allow_colocated=allow_colocated_workers,
+        storage=storage or f"sqlite:///{(out / 'placetune.db').resolve()}", study_name=study_name,
+        budgets=budgets, min_pp=min_pp, top_k=top_k, final_rounds=final_rounds, screen=not no_screen,
+        rpc=rpc_servers, runner_name=runner, bin_dir=llama_bin_dir, heartbeat_s=heartbeat, grace_s=grace,
+        allow_mixed_hardware=allow_mixed_hardware, allow_colocated=allow_colocated_workers, on_note=progress.note,
     )
     measurer = get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers, reuse=True)
-    progress = SearchProgress(console)
-    engine = Search(config, measurer, on_trial=progress.update)
-    console.print(
-        f"[bold]placetune search[/] {model.name}: space {chosen.name}, objective {objective}, "
-        f"runner {runner}, study {engine.study.study_name} ({len(engine.study.trials)} trials so far)",
-        highlight=False,
-    )
-    for note in [*engine.notes, *engine.enqueue_seeds()]:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    folder = results_dir(out, model.stem, machine.short_name())
     try:
+        engine = Search(config, measurer, on_trial=progress.update)
+        console.print(
+            f"[bold]placetune search[/] {escape(model.name)}: space {chosen.name}, objective {objective}, runner "
+            f"{runner}, serving -c {serving.ctx} -np {serving.slots}, study {escape(engine.study.study_name)} "
+            f"({len(engine.study.trials)} trials so far)", highlight=False)
+        for note in [*engine.notes, *engine.enqueue_seeds()]:
+            progress.note(note)
         with progress.running(engine):
             engine.run()
         if engine.stop_requested:
-            console.print("stopped after the current trial; run the same command again to resume", highlight=False)
-        finals = engine.final_measure()
+            progress.note("stopped after the current trial; run the same command again to resume")
+        decision = engine.final_measure(on_measured=progress.final)
+    except KeyboardInterrupt:
+        if "engine" in locals():
+            write_results(folder, engine.study, None)
+        err_console.print("placetune: interrupted; the trial in progress is measured again when you run the same "
+                          "command to resume (finished trials are kept)", highlight=False, markup=False)
+        raise typer.Exit(130) from None
     finally:
         if hasattr(measurer, "close"):
             measurer.close()
-    if not finals:
-        write_results(results_dir(out, model.stem, machine.short_name()), engine.study, None)
+    if decision is None:
+        write_results(folder, engine.study, None)
         raise PlacetuneError(engine.no_winner_reason())
-    winner, measurement = finals[0]
-    record = engine.best_record(winner, measurement)
-    paths = write_results(results_dir(out, model.stem, machine.short_name()), engine.study, record)
-    search_summary(record, finals, config.workload, console)
+    record = best_record(engine, decision)
+    paths = write_results(folder, engine.study, record)
+    search_summary(record, console)
     for kind, path in paths.items():
-        console.print(f"{kind:>7}: {path}", highlight=False)
+        console.print(f"{kind:>7}: {path}", highlight=False, markup=False)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -379,7 +402,7 @@ def verify(
 ) -> None:
     """Start the exported llama-server line as printed, measure it with the search's workload, compare with the search.
 
-    Exits 0 when the comparison ran, also when it lands outside the noise band (it says so); 2 on errors.
+    Exits 0 when the comparison ran, also when it lands beyond the noise (it says so); 2 on errors.
     """
     from placetune.export import load_result
     from placetune.hardware import probe_machine
@@ -411,8 +434,7 @@ def regress(
     rpc: RpcOpt = None,
     baseline: Annotated[str, typer.Option("--baseline", help="recent: median of the last --last runs; pinned: the run pinned with --pin.")] = "recent",
     last: Annotated[int, typer.Option("--last", help="Runs in a recent baseline (same machine fingerprint, build, runner, workload).")] = 5,
-    threshold: Annotated[float, typer.Option("--threshold", help="Smallest change that counts, relative (0.05 = 5%).")] = 0.05,
-    noise_factor: Annotated[float, typer.Option("--noise-factor", help="A change must also exceed this many times the case's relative spread.")] = 3.0,
+    threshold: Annotated[float, typer.Option("--threshold", help="Smallest change that counts, relative (0.05 = 5%), besides being beyond the noise.")] = 0.05,
     no_confirm: Annotated[bool, typer.Option("--no-confirm", help="Do not re-measure a case to confirm a drop.")] = False,
     show: Annotated[str | None, typer.Option("--show", help="Print the stored history of CASE and exit.")] = None,
     pin: Annotated[str | None, typer.Option("--pin", help="Pin the latest run of CASE as its baseline for --baseline pinned, and exit.")] = None,
@@ -443,7 +465,7 @@ def regress(
         return
     if suite is None:
         raise PlacetuneError("give a SUITE (.toml or results folder), or --show CASE / --pin CASE")
-    settings = rg.Settings(last=last, baseline=baseline, threshold=threshold, noise_factor=noise_factor, confirm=not no_confirm,
+    settings = rg.Settings(last=last, baseline=baseline, threshold=threshold, confirm=not no_confirm,
                            runner=runner or "embedded", bin_dir=llama_bin_dir, rpc=tuple(_rpc_list(rpc)))
 
     def progress(case: rg.Case, outcomes: list[rg.Outcome]) -> None:
@@ -471,5 +493,6 @@ def main() -> None:
     try:
         app()
     except PlacetuneError as exc:
-        err_console.print(f"placetune: error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        # One line, whatever a file name in the message holds (a newline, a terminal escape).
+        err_console.print(f"placetune: error: {one_line(str(exc))}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)

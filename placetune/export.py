@@ -1,8 +1,10 @@
 """Export a search result as something a user pastes: a llama-server or llama-bench line, flags, an -ot
 value, llama-cpp-python arguments, a llama-swap entry, or the plan as JSON.
 
-Every command-line form is built from placement.py's renderers and joined with shlex, so a model path
-with spaces, quotes or `$` reaches llama.cpp unchanged when the line is pasted into a POSIX shell.
+The line we print is the line we measured: the serving context (-c, -np), -fit off and flash
+attention are spelled out, and where a form cannot carry a setting it says so in a comment. Command
+lines come from placement.py's renderers joined with shlex; every outside string that lands in a
+comment goes through escape.py, so a file name with a newline cannot run anything.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from placetune.errors import PlacetuneError
+from placetune.escape import comment, yaml_string
 from placetune.placement import (
     Placement,
     python_kwargs,
@@ -25,9 +28,9 @@ from placetune.placement import (
 from placetune.results import BestPlan, load_best
 from placetune.runners.base import Stats, Workload
 from placetune.runners.llama_bench import NO_WARMUP
+from placetune.storage import DEFAULT_STORAGE, load_existing_study, mask_url
 
 FORMATS = ("server", "bench", "flags", "ot", "python", "llama-swap", "json")
-DEFAULT_STORAGE = "sqlite:///results/placetune.db"
 # llama-swap replaces ${PORT} with the port it assigns (its docs: "Writing the cmd for a model").
 LLAMA_SWAP_PORT = "${PORT}"
 
@@ -49,71 +52,56 @@ def load_result(result: str, storage: str | None = None) -> BestPlan:
 
 
 def plan_from_study(name: str, storage: str) -> BestPlan:
-    """Rebuild a best.json-like plan from a study's best measured trial and the study's own attributes.
+    """A best.json-like plan from a study's best measured trial and the study's own description.
 
-    This is the trial as the search measured it; best.json also carries the final interleaved re-measure.
+    This is the trial as the search measured it; best.json also carries the final round and its decision.
     """
     import optuna
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
 
-    from placetune.search import objective_value
+    from placetune.search.objective import objective_value
+    from placetune.search.study import read_info
 
-    try:
-        url = make_url(storage)
-    except SQLAlchemyError:
-        raise PlacetuneError(
-            f"--storage {storage!r} is not a database URL such as sqlite:///results/placetune.db") from None
-    if url.drivername.startswith("sqlite") and url.database and not Path(url.database).exists():
-        raise PlacetuneError(f"{name!r} is neither a file nor a folder, and there is no study storage at "
-                             f"{url.database} to look it up in; pass --storage URL or a best.json")
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        names = optuna.study.get_all_study_names(storage)
-    except (ImportError, SQLAlchemyError, ValueError) as exc:
-        raise PlacetuneError(f"cannot open study storage {storage!r}: {str(exc).splitlines()[0]}") from None
-    if name not in names:
-        known = ", ".join(names) or "none"
-        raise PlacetuneError(f"no study {name!r} in {storage} (studies there: {known})")
-    study = optuna.load_study(study_name=name, storage=storage)
-    attrs = study.user_attrs
-    workload = Workload.from_dict(attrs["workload"])
-    objective = attrs.get("objective", "latency")
+    study = load_existing_study(storage, name)
+    info = read_info(study)
+    if info is None:
+        raise PlacetuneError(f"study {name!r} in {mask_url(storage)} was not made by this placetune")
+    workload = Workload.from_dict(info.workload)
     measured = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if t.user_attrs.get("pp_samples") and t.user_attrs.get("tg_samples")]
+                if t.user_attrs.get("pp_samples") and t.user_attrs.get("tg_samples")
+                and "duplicate_of" not in t.user_attrs]
     if not measured:
         raise PlacetuneError(f"study {name!r} has no completed, measured trial yet; run or resume the search")
 
     def latency(t: optuna.trial.FrozenTrial) -> float:
         return objective_value("latency", t.user_attrs["pp"], t.user_attrs["tg"], workload)
 
-    if objective == "pareto":
+    if info.objective == "pareto":
         best = min(measured, key=latency)
     else:
         sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
         best = min(measured, key=lambda t: sign * t.values[0])
     ua = best.user_attrs
     placement = Placement.from_dict(ua["placement"])
-    model = attrs["model"]["path"]
-    rpc = list(attrs.get("rpc") or [])
+    model = info.model["path"]
     pp = Stats(tuple(ua["pp_samples"]), workload.n_prompt)
     tg = Stats(tuple(ua["tg_samples"]), workload.n_gen)
     return BestPlan({
-        "model": dict(attrs["model"]),
-        "machine": attrs.get("machine", {}),
+        "model": dict(info.model),
+        "machine": info.machine,
         "llama_build": ua.get("build", {}),
-        "study": {"name": name, "storage": storage, "objective": objective, "trials": len(study.trials),
-                  "winner_trial": best.number},
+        "study": {"name": name, "storage": mask_url(storage), "objective": info.objective,
+                  "trials": len(study.trials), "winner_trial": best.number},
         "workload": workload.to_dict(),
-        "runner": attrs.get("runner", "embedded"),
-        "rpc": rpc,
+        "serving": info.serving,
+        "runner": info.runner,
+        "rpc": info.rpc,
         "placement": placement.to_dict(),
         "flags": render_flags(placement),
-        "server_command": render_server_command(model, placement, rpc=rpc),
-        "measurement": {"runner": attrs.get("runner", "embedded"), "status": ua.get("status", "ok"),
+        "server_command": render_server_command(model, placement, rpc=info.rpc),
+        "measurement": {"runner": info.runner, "status": ua.get("status", "ok"),
                         "pp": pp.to_dict(), "tg": tg.to_dict(), "build": ua.get("build", {})},
         "objective_value": latency(best),
-    })
+    }, f"study {name!r}")
 
 
 def export(plan: BestPlan, fmt: str = "server", host: str = "127.0.0.1", port: int | None = None,
@@ -122,13 +110,15 @@ def export(plan: BestPlan, fmt: str = "server", host: str = "127.0.0.1", port: i
 
     For `bench`, a binary ending in llama-server is swapped for the llama-bench next to it.
     """
+    if port is not None and not 1 <= port <= 65535:
+        raise PlacetuneError(f"--port {port}: a TCP port is 1 to 65535")
     placement = plan.placement
     model = plan.model_path
     rpc = list(plan.data.get("rpc") or [])
     if fmt == "server":
         return shlex.join(render_server_command(model, placement, binary=binary, host=host, port=port, rpc=rpc))
     if fmt == "bench":
-        return shlex.join(_bench_command(plan, binary))
+        return _bench_line(plan, binary)
     if fmt == "flags":
         return render_flags(placement)
     if fmt == "ot":
@@ -144,36 +134,37 @@ def export(plan: BestPlan, fmt: str = "server", host: str = "127.0.0.1", port: i
     raise PlacetuneError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
-def _bench_command(plan: BestPlan, binary: str) -> list[str]:
+def _bench_line(plan: BestPlan, binary: str) -> str:
+    """The llama-bench line at the searched depth, and a note on what it cannot carry."""
     w = Workload.from_dict(plan.data["workload"])
     bench = binary[: -len("llama-server")] + "llama-bench" if binary.endswith("llama-server") else binary
     cmd = render_bench_command(plan.model_path, plan.placement, binary=bench, n_prompt=w.n_prompt, n_gen=w.n_gen,
                                depth=w.depth, repetitions=w.repetitions, rpc=plan.data.get("rpc") or (),
                                output=None)
-    return [*cmd, NO_WARMUP] if w.warmups == 0 else cmd
+    if w.warmups == 0:
+        cmd.append(NO_WARMUP)
+    p = plan.placement
+    serving = f"-c {p.ctx} -np {p.parallel or 1}" if p.ctx else "the serving context"
+    note = (f"llama-bench has no -c or -np: it sizes its KV cache to each test, not to {serving}, and places "
+            "tensors as given (no --fit)")
+    return shlex.join(cmd) + "\n" + comment(note)
 
 
 def _python_snippet(model: str, placement: Placement) -> str:
     """Llama(...) with the keyword arguments llama-cpp-python takes; what it cannot take is said, not dropped.
 
-    Llama() silently ignores unknown keywords, so tensor overrides must not be passed as one.
+    Llama() silently ignores unknown keywords, so nothing it lacks is passed as one.
     """
-    kw = python_kwargs(placement)
-    overrides = kw.pop("tensor_buft_overrides", [])
-    comments = {"type_k": placement.cache_type_k, "type_v": placement.cache_type_v}
-    lines = [f"# llama-cpp-python equivalent of: {render_flags(placement) or '(llama.cpp defaults)'}",
+    kw, cannot = python_kwargs(placement)
+    lines = [comment(f"llama-cpp-python equivalent of: {render_flags(placement) or '(llama.cpp defaults)'}"),
              "from llama_cpp import Llama", ""]
-    if overrides:
-        lines += ["# Llama() has no tensor override argument, so these -ot rules are not applied here;",
-                  "# use --format server to deploy them:"]
-        lines += [f"#   {pattern}={buft}" for pattern, buft in overrides]
-    if placement.repack is False:
-        lines.append("# Llama() cannot turn weight repacking off (--no-repack); the server line can.")
+    if cannot:
+        lines.append(comment("Llama() cannot express these settings of the measured line; use --format server "
+                             "to deploy them:"))
+        lines += [comment(f"  {item}") for item in cannot]
     lines.append("llm = Llama(")
     lines.append(f"    model_path={model!r},")
-    for key, value in kw.items():
-        note = f"  # {comments[key]}" if comments.get(key) else ""
-        lines.append(f"    {key}={value!r},{note}")
+    lines += [f"    {key}={value!r}," for key, value in kw.items()]
     lines.append(")")
     return "\n".join(lines)
 
@@ -181,7 +172,8 @@ def _python_snippet(model: str, placement: Placement) -> str:
 def _llama_swap_entry(plan: BestPlan, host: str, binary: str) -> str:
     """A `models:` entry for llama-swap: `cmd` holds the server line with llama-swap's ${PORT} macro.
 
-    llama-swap splits cmd with POSIX shell rules, so the shlex-quoted line survives; it also replaces any
+    llama-swap splits cmd with POSIX shell rules, so the shlex-quoted line survives; the line is written
+    as a double-quoted YAML scalar, which escapes any control character. llama-swap also replaces any
     ${NAME} it sees, so a path containing one cannot be expressed and is refused.
     """
     argv = render_server_command(plan.model_path, plan.placement, binary=binary, host=host,
@@ -190,19 +182,15 @@ def _llama_swap_entry(plan: BestPlan, host: str, binary: str) -> str:
     if "${" in line.replace(LLAMA_SWAP_PORT, ""):
         raise PlacetuneError("the command contains '${', which llama-swap reads as a macro; "
                              "rename the model path or use --format server")
-    if any(ord(c) < 32 and c != "\t" for c in line):
-        raise PlacetuneError("the command contains a control character (newline?) that YAML cannot hold "
-                             "in a cmd block; rename the model path")
     proxy_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     proxy_host = f"[{proxy_host}]" if ":" in proxy_host else proxy_host
     name = Path(plan.model_path).stem
     return "\n".join([
-        f"# llama-swap model entry by placetune ({_summary(plan)})",
+        comment(f"llama-swap model entry by placetune ({_summary(plan)})"),
         "models:",
-        f"  {json.dumps(name)}:",
-        "    cmd: |",
-        f"      {line}",
-        f"    proxy: {json.dumps(f'http://{proxy_host}:{LLAMA_SWAP_PORT}')}",
+        f"  {yaml_string(name)}:",
+        f"    cmd: {yaml_string(line)}",
+        f"    proxy: {yaml_string(f'http://{proxy_host}:{LLAMA_SWAP_PORT}')}",
     ])
 
 

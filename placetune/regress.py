@@ -32,11 +32,13 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from placetune.compare import FASTER, SLOWER, Comparison, compare
 from placetune.errors import PlacetuneError
 from placetune.hardware import Machine
 from placetune.placement import Placement, parse_flags, render_flags
 from placetune.results import load_best
 from placetune.runners.base import Measurement, Runner, Stats, Workload
+from placetune.storage import engine_options, first_line, mask_url
 
 METRICS = ("pp", "tg")
 BASELINES = ("recent", "pinned")
@@ -218,7 +220,7 @@ def history_url(text: str) -> str:
     try:
         url = make_url(text)
     except ArgumentError:
-        raise PlacetuneError(f"--history {text!r} is neither a file path nor a database URL") from None
+        raise PlacetuneError(f"--history {mask_url(text)!r} is neither a file path nor a database URL") from None
     if url.drivername.startswith("sqlite") and url.database and url.database != ":memory:":
         Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     return text
@@ -229,13 +231,12 @@ class History:
 
     def __init__(self, location: str) -> None:
         self.url = history_url(location)
-        self.display = make_url(self.url).render_as_string(hide_password=True)
+        self.display = mask_url(self.url)
         try:
-            self.engine = sa.create_engine(self.url)
+            self.engine = sa.create_engine(self.url, **engine_options(self.url))
             _META.create_all(self.engine)
         except (ImportError, SQLAlchemyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PlacetuneError(f"cannot open the history store {self.display}: {first}") from None
+            raise PlacetuneError(f"cannot open the history store {self.display}: {first_line(exc, self.url)}") from None
 
     def add(self, rows: Sequence[Row]) -> None:
         if not rows:
@@ -345,7 +346,6 @@ class Settings:
     last: int = 5
     baseline: str = "recent"
     threshold: float = 0.05
-    noise_factor: float = 3.0
     confirm: bool = True
     runner: str = "embedded"
     bin_dir: str | Path | None = None
@@ -356,19 +356,21 @@ class Settings:
             raise PlacetuneError(f"--baseline {self.baseline!r}: choose recent or pinned")
         if self.last < 1:
             raise PlacetuneError(f"--last must be at least 1, got {self.last}")
-        if self.threshold < 0 or self.noise_factor < 0:
-            raise PlacetuneError("--threshold and --noise-factor must not be negative")
+        if self.threshold < 0:
+            raise PlacetuneError("--threshold must not be negative")
 
 
 @dataclass
 class Verdict:
-    """A row against its baseline. `limit` T: a ratio below 1/(1+T) is a drop, above 1+T a gain."""
+    """A row against its baseline: the ratio of speeds with its interval (placetune.compare), and `limit` T,
+    the threshold a real change must also pass: below 1/(1+T) is a drop, above 1+T a gain."""
 
     status: str
     message: str
     baseline: float | None = None
     ratio: float | None = None
     limit: float | None = None
+    comparison: Comparison | None = None
 
     @property
     def floor(self) -> float:
@@ -376,11 +378,11 @@ class Verdict:
 
 
 def judge(current: Row, previous: Sequence[Row], settings: Settings, pinned: Row | None = None) -> Verdict:
-    """Compare a fresh row with its baseline: the median of the last N same-setup runs, or the pinned run.
+    """Compare a fresh row with its baseline: the last N same-setup runs, or the pinned run.
 
-    The noise is the larger of the median relative spread of the baseline runs and this one, and the
-    run-to-run spread of the baseline medians; a change must exceed both the threshold and
-    noise_factor times that noise. The limit is symmetric in the ratio (time per token up by T).
+    With several baseline runs their medians are the baseline's samples, so night-to-night drift counts as
+    noise; with one, its repetitions are. A change counts only when `compare` puts it beyond the noise and
+    it is larger than the threshold too.
     """
     if settings.baseline == "pinned":
         base = [pinned] if pinned else []
@@ -388,22 +390,20 @@ def judge(current: Row, previous: Sequence[Row], settings: Settings, pinned: Row
         base = [r for r in previous if r.setup == current.setup][-settings.last:]
     if not base:
         return Verdict(NO_BASELINE, _why_no_baseline(current, previous, settings))
-    medians = [r.median for r in base]
-    baseline = statistics.median(medians)
-    noise = statistics.median([r.spread for r in base] + [current.spread])
-    if len(medians) > 1 and baseline > 0:
-        noise = max(noise, statistics.stdev(medians) / baseline)
-    limit = max(settings.threshold, settings.noise_factor * noise)
-    ratio = current.median / baseline if baseline > 0 else float("inf")
+    reference = [r.median for r in base] if len(base) > 1 else list(base[0].samples)
+    c = compare(current.samples, reference)
+    limit = settings.threshold
+    baseline = float(statistics.geometric_mean([x for x in reference if x > 0]))
     what = f"{current.metric} {current.median:.1f} t/s vs baseline {baseline:.1f} t/s"
-    source = "pinned run" if settings.baseline == "pinned" else f"median of {len(base)} run(s)"
-    if ratio < 1 / (1 + limit):
-        return Verdict(REGRESSION, f"{what} ({source}): {1 - ratio:.1%} slower, beyond the ±{limit:.1%} limit",
-                       baseline, ratio, limit)
-    if ratio > 1 + limit:
-        return Verdict(IMPROVEMENT, f"{what} ({source}): {ratio - 1:.1%} faster, beyond the ±{limit:.1%} limit",
-                       baseline, ratio, limit)
-    return Verdict(OK, f"{what} ({source}): {ratio - 1:+.1%}, within ±{limit:.1%}", baseline, ratio, limit)
+    source = "pinned run" if settings.baseline == "pinned" else f"{len(base)} run(s)"
+    detail = f"({source}): {c.describe()}"
+    if c.verdict == SLOWER and c.ratio < 1 / (1 + limit):
+        return Verdict(REGRESSION, f"{what} {detail}, {1 - c.ratio:.1%} slower, beyond the noise and the "
+                                   f"{limit:.0%} threshold", baseline, c.ratio, limit, c)
+    if c.verdict == FASTER and c.ratio > 1 + limit:
+        return Verdict(IMPROVEMENT, f"{what} {detail}, {c.ratio - 1:.1%} faster", baseline, c.ratio, limit, c)
+    return Verdict(OK, f"{what} {detail}: not a change beyond the noise and the {limit:.0%} threshold",
+                   baseline, c.ratio, limit, c)
 
 
 _SETUP_NAMES = ("machine", "build", "runner", "workload")

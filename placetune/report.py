@@ -29,11 +29,13 @@ from optuna.importance import PedAnovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
 from placetune.anatomy import read_anatomy
+from placetune.compare import Comparison
 from placetune.errors import PlacetuneError
 from placetune.hardware import Machine, cpu_model
 from placetune.placement import Placement
 from placetune.predict import LABEL, Bandwidth, machine_bandwidths, predict_tg
 from placetune.results import trials_frame
+from placetune.storage import load_existing_study, mask_url
 
 HISTORY_SCHEMA = """\
 Expected regress history: table regress_measurements, as `placetune regress` writes it, or any
@@ -75,7 +77,7 @@ class ReportInputs:
     @property
     def attrs(self) -> dict[str, Any]:
         """Study attributes, completed from best.json (a study rebuilt from trials.csv has none)."""
-        attrs = dict(self.study.user_attrs)
+        attrs = dict(self.study.user_attrs.get("placetune") or {})
         if self.best:
             attrs.setdefault("model", self.best.get("model"))
             attrs.setdefault("machine", self.best.get("machine"))
@@ -89,37 +91,6 @@ class ReportInputs:
 
 def _is_url(text: str) -> bool:
     return "://" in text
-
-
-def _sqlite_file(url: str) -> Path | None:
-    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
-
-
-def _open_study(storage: str, study_name: str | None) -> optuna.Study:
-    path = _sqlite_file(storage)
-    if path is not None:  # optuna would silently create its tables in a missing or foreign file
-        if not path.is_file():
-            raise PlacetuneError(f"study storage {path} not found")
-        try:
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-                has_studies = con.execute("SELECT 1 FROM sqlite_master WHERE name = 'studies'").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise PlacetuneError(f"{path} is not an SQLite file ({exc})") from None
-        if not has_studies:
-            raise PlacetuneError(f"{path} holds no Optuna study (a regress history goes to --history)")
-    try:
-        names = optuna.get_all_study_names(storage)
-    except Exception as exc:  # storages raise SQLAlchemy, import or value errors alike
-        raise PlacetuneError(f"cannot open study storage {storage!r}: {str(exc).splitlines()[0]}") from None
-    if study_name is None:
-        if len(names) != 1:
-            raise PlacetuneError(
-                f"{storage} holds {len(names)} studies; pick one with --study: {', '.join(names) or '(none)'}"
-            )
-        study_name = names[0]
-    elif study_name not in names:
-        raise PlacetuneError(f"no study {study_name!r} in {storage}; it holds: {', '.join(names) or '(none)'}")
-    return optuna.load_study(study_name=study_name, storage=storage)
 
 
 def _study_from_csv(path: Path, objective: str) -> optuna.Study:
@@ -146,11 +117,16 @@ def _study_from_csv(path: Path, objective: str) -> optuna.Study:
         chosen = {c[6:]: _plain(row[c]) for c in params if not pd.isna(row[c])}
         attrs = {k: _plain(row[k]) for k in ("pp", "tg", "pp_spread", "tg_spread", "flags", "reason")
                  if not pd.isna(row.get(k))}
-        attrs["seed_name"] = "" if pd.isna(row.get("seed")) else row["seed"]
+        for key in ("role", "name"):
+            attrs[key] = "" if pd.isna(row.get(key)) else row[key]
         study.add_trial(optuna.trial.create_trial(
             state=state, values=values, params=chosen, distributions={k: dists[k] for k in chosen}, user_attrs=attrs,
         ))
     return study
+
+
+def _objective(study: optuna.Study) -> str:
+    return (study.user_attrs.get("placetune") or {}).get("objective", "latency")
 
 
 def _plain(value: Any) -> Any:
@@ -162,22 +138,22 @@ def load_inputs(results: str | Path, study_name: str | None = None) -> ReportInp
     """A results folder (best.json, trials.csv), a best.json, an SQLite study file or a storage URL."""
     text = str(results)
     if _is_url(text):
-        study = _open_study(text, study_name)
-        return ReportInputs(study, study.user_attrs.get("objective", "latency"), text)
+        study = load_existing_study(text, study_name)
+        return ReportInputs(study, _objective(study), mask_url(text))
     path = Path(results)
     if path.is_file() and path.name == "best.json":
         path = path.parent
     if path.is_file():
-        study = _open_study(f"sqlite:///{path.resolve()}", study_name)
-        return ReportInputs(study, study.user_attrs.get("objective", "latency"), str(path))
+        study = load_existing_study(f"sqlite:///{path.resolve()}", study_name)
+        return ReportInputs(study, _objective(study), str(path))
     if not path.is_dir():
         raise PlacetuneError(f"{path} not found; give a results folder (with best.json), a .db file or a storage URL")
     best_path = path / "best.json"
     if not best_path.exists():
         db = path / "placetune.db"
         if db.exists():
-            study = _open_study(f"sqlite:///{db.resolve()}", study_name)
-            return ReportInputs(study, study.user_attrs.get("objective", "latency"), str(db))
+            study = load_existing_study(f"sqlite:///{db.resolve()}", study_name)
+            return ReportInputs(study, _objective(study), str(db))
         raise PlacetuneError(f"{path} holds neither best.json nor placetune.db; give a search's results folder")
     try:
         best = json.loads(best_path.read_text(encoding="utf-8"))
@@ -186,14 +162,15 @@ def load_inputs(results: str | Path, study_name: str | None = None) -> ReportInp
         raise PlacetuneError(f"{best_path} is not a placetune best.json ({type(exc).__name__})") from None
     objective = info.get("objective", "latency")
     try:
-        study = _open_study(info["storage"], info["name"])
-        return ReportInputs(study, objective, str(path), best)
+        study = load_existing_study(info["storage"], info["name"])
+        return ReportInputs(study, objective, str(path), best, list(best.get("notes") or []))
     except PlacetuneError as exc:
         csv = path / "trials.csv"
         if not csv.exists():
             raise
         return ReportInputs(_study_from_csv(csv, objective), objective, str(path), best,
-                            [f"{exc}; trials read from {csv.name}, so parameter types are approximate"])
+                            [*(best.get("notes") or []),
+                             f"{exc}; trials read from {csv.name}, so parameter types are approximate"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +229,7 @@ def pareto_section(trials: pd.DataFrame) -> Section:
                            color="tab:gray" if state == "PRUNED" else "tab:blue")
     front = measured[measured["front"]].sort_values("pp")
     front.plot(x="pp", y="tg", ax=ax, drawstyle="steps-post", color="tab:red", marker="o", label="Pareto front")
-    seeds = measured[measured["seed"].fillna("") != ""]
+    seeds = measured[measured["role"].isin(["baseline", "candidate"])]
     for (pp, tg), group in seeds.groupby(["pp", "tg"]):  # seeds often coincide (e.g. defaults = fullest fit)
         ax.annotate("seed " + ", ".join(f"#{n}" for n in group["trial"]), (pp, tg), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
@@ -462,41 +439,33 @@ def history_regress_section(path: Path | None) -> Section | None:
 # Summary table
 
 
-def _best_row(inputs: ReportInputs, trials: pd.DataFrame) -> dict[str, Any] | None:
-    if inputs.best:
-        m = inputs.best.get("measurement", {})
-        return {"placement": f"best (trial {inputs.best['study'].get('winner_trial')}, final re-measure)",
-                "flags": inputs.best.get("flags", ""), "pp": m.get("pp", {}).get("median"),
-                "pp_spread": m.get("pp", {}).get("spread"), "tg": m.get("tg", {}).get("median"),
-                "tg_spread": m.get("tg", {}).get("spread"),
-                "trial": inputs.best["study"].get("winner_trial")}
-    # Without best.json (a bare storage) the best is the ranked first trial; for pareto, the fastest tg.
-    key = "tg" if inputs.objective == "pareto" else "value"
-    done = trials[(trials["state"] == "COMPLETE") & trials[key].notna()
-                  & ~trials["reason"].fillna("").str.startswith("same placement")]
-    ascending = inputs.objective == "latency"
-    if done.empty:
-        return None
-    top = done.sort_values(key, ascending=ascending).iloc[0]
-    return {"placement": f"best (trial {top['trial']})", "flags": top["flags"], "pp": top["pp"],
-            "pp_spread": top["pp_spread"], "tg": top["tg"], "tg_spread": top["tg_spread"], "trial": top["trial"]}
-
-
 def summary_frame(inputs: ReportInputs, trials: pd.DataFrame, predicted: pd.DataFrame | None) -> pd.DataFrame:
-    """Best vs each baseline (seed trial): rates, spreads, best/this ratios and the predicted tg."""
-    best = _best_row(inputs, trials)
-    if best is None:
-        return pd.DataFrame()
-    if inputs.best:
-        baselines = [{"placement": b["name"], **b} for b in inputs.best.get("baselines", [])]
+    """The final round from best.json: every contender, its rates and spreads, and winner/this with the
+    interval and verdict the search computed (placetune.compare). Without best.json there was no final
+    round, so the baselines and seeds are listed with their search-phase rates and no ratio."""
+    if inputs.best and inputs.best.get("rows"):
+        rows = []
+        for r in inputs.best["rows"]:
+            pp, tg = r.get("pp") or {}, r.get("tg") or {}
+            vs = (r.get("vs_winner") or {}).get("objective")
+            ratio = "winner" if r["role"] == "winner" else (
+                Comparison(**vs).describe() if vs else r.get("status", ""))
+            rows.append({"placement": f"{r['name']} ({r['role']})", "trial": r.get("trial"),
+                         "pp": pp.get("median"), "pp_spread": pp.get("spread"), "tg": tg.get("median"),
+                         "tg_spread": tg.get("spread"), "winner/this": ratio, "flags": r.get("flags", "")})
+        frame = pd.DataFrame(rows)
     else:
-        seeds = trials[trials["seed"].fillna("") != ""]
-        baselines = [{"placement": r["seed"], **r} for r in seeds.to_dict("records")]
-    rows = [best, *baselines]
-    frame = pd.DataFrame(rows)[["placement", "trial", "pp", "pp_spread", "tg", "tg_spread", "flags"]]
-    for metric in ("pp", "tg"):
-        frame[f"best/this {metric}"] = best[metric] / frame[metric]
-    if predicted is not None:
+        done = trials[(trials["state"] == "COMPLETE") & trials["repeat_of"].isna()] if "repeat_of" in trials \
+            else trials[trials["state"] == "COMPLETE"]
+        seeds = done[done["role"].isin(["baseline", "candidate"])] if "role" in done else done.iloc[:0]
+        if done.empty:
+            return pd.DataFrame()
+        rows = [{"placement": f"{r['name']} ({r['role']})", "trial": r["trial"], "pp": r["pp"],
+                 "pp_spread": r["pp_spread"], "tg": r["tg"], "tg_spread": r["tg_spread"],
+                 "winner/this": "no final round", "flags": r["flags"]} for r in seeds.to_dict("records")]
+        frame = pd.DataFrame(rows, columns=["placement", "trial", "pp", "pp_spread", "tg", "tg_spread",
+                                            "winner/this", "flags"])
+    if predicted is not None and not frame.empty:
         by_trial = predicted.set_index("trial")["predicted_tg"]
         frame["predicted tg"] = frame["trial"].map(by_trial)
         frame["efficiency"] = frame["tg"] / frame["predicted tg"]
@@ -510,7 +479,6 @@ def _summary_html(frame: pd.DataFrame) -> str:
     fmt: dict[str, Callable[[Any], str]] = {
         "pp": "{:,.1f}".format, "tg": "{:,.1f}".format, "predicted tg": "{:,.1f}".format,
         "pp_spread": "±{:.1%}".format, "tg_spread": "±{:.1%}".format, "efficiency": "{:.0%}".format,
-        "best/this pp": "{:.2f}".format, "best/this tg": "{:.2f}".format,
     }
     for col, f in fmt.items():
         if col in shown.columns:
@@ -563,9 +531,10 @@ def _page(inputs: ReportInputs, sections: list[Section], summary: pd.DataFrame, 
         f"<h1>placetune report: {e(Path(model).name)}</h1><dl>",
         *(f"<dt>{e(k)}</dt><dd>{e(str(v))}</dd>" for k, v in facts.items()), "</dl>",
         *(f'<p class="note">{e(n)}</p>' for n in notes),
-        "<h2>Best placement vs baselines</h2>", _summary_html(summary),
-        '<p class="note">best/this: how many times faster the best is than that row; '
-        f"± is the relative spread of the repetitions; predicted tg is the {LABEL} bandwidth roofline.</p>",
+        "<h2>Final round: the winner against every baseline</h2>", _summary_html(summary),
+        '<p class="note">winner/this: how many times faster the winner is than that row on the objective, with '
+        "its 95% interval and verdict, from the interleaved final round; ± is the relative spread of the "
+        f"repetitions; predicted tg is the {LABEL} bandwidth roofline.</p>",
     ]
     for s in sections:
         parts.append(f'<h2 id="{s.name}">{e(s.title)}</h2>')

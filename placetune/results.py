@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from placetune import __version__
 from placetune.errors import PlacetuneError
+from placetune.escape import comment
 from placetune.placement import Placement
+from placetune.records import one_line_error
 
 
 def results_dir(root: Path, model_name: str, machine_name: str) -> Path:
@@ -38,9 +40,11 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row: dict[str, Any] = {
             "trial": t.number,
             "state": t.state.name,
-            "seed": ua.get("seed_name", ""),
+            "role": ua.get("role", "search"),
+            "name": ua.get("name", ""),
             "status": ua.get("status", ""),
             "reason": ua.get("reason", ""),
+            "repeat_of": ua.get("duplicate_of"),
             "pp": ua.get("pp"),
             "pp_spread": ua.get("pp_spread"),
             "tg": ua.get("tg"),
@@ -54,11 +58,61 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@dataclass
-class BestPlan:
-    """What a search concluded, as written to best.json."""
+SCHEMA_VERSION = 2
 
-    data: dict[str, Any]
+
+class ModelRef(BaseModel):
+    """The model a plan is for: an absolute path, so export and verify work from any directory."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    path: str
+    header_hash: str = ""
+    total_bytes: int | None = None
+    arch: str = ""
+
+
+class BestRecord(BaseModel):
+    """best.json: what a search concluded, self-describing like a pyperf result.
+
+    Only model, placement and workload are needed to export or verify a plan; the rest says how the
+    decision was made: every final-round row with its ratio, interval and verdict against the winner.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: int = SCHEMA_VERSION
+    placetune_version: str = __version__
+    created: str = ""
+    model: ModelRef
+    machine: dict[str, Any] = Field(default_factory=dict)
+    llama_build: dict[str, Any] = Field(default_factory=dict)
+    study: dict[str, Any] = Field(default_factory=dict)
+    workload: dict[str, Any]
+    serving: dict[str, int] = Field(default_factory=dict)
+    runner: str = "embedded"
+    rpc: list[str] = Field(default_factory=list)
+    placement: dict[str, Any]
+    flags: str = ""
+    server_command: list[str] = Field(default_factory=list)
+    measurement: dict[str, Any] = Field(default_factory=dict)
+    objective_value: float | None = None
+    decision: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] = Field(default_factory=list)
+    front: list[dict[str, Any]] = Field(default_factory=list)
+    predicted: dict[str, Any] | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class BestPlan:
+    """A loaded best.json: the validated record, and its plain-JSON form for the code that reads fields."""
+
+    def __init__(self, data: dict[str, Any], where: str = "the plan") -> None:
+        try:
+            self.record = BestRecord.model_validate(data)
+        except ValidationError as exc:
+            raise PlacetuneError(f"{where} is not a placetune best.json: {one_line_error(exc)}") from None
+        self.data = self.record.model_dump(mode="json")
 
     @property
     def placement(self) -> Placement:
@@ -66,29 +120,36 @@ class BestPlan:
 
     @property
     def model_path(self) -> str:
-        return self.data["model"]["path"]
+        return self.record.model.path
 
     def server_command(self) -> list[str]:
-        return list(self.data["server_command"])
+        return list(self.record.server_command)
 
 
-def write_results(out_dir: Path, study: optuna.Study, best: dict[str, Any] | None) -> dict[str, Path]:
+def best_script(record: BestRecord) -> str:
+    """best.sh: the server line, with every outside string in its comments escaped (a file name may hold a
+    newline, and a comment must not end early)."""
+    command = shlex.join(record.server_command)
+    machine = record.machine
+    return "\n".join([
+        "#!/bin/sh",
+        comment(f"Best llama-server placement found by placetune for {Path(record.model.path).name}"),
+        comment(f"on {machine.get('cpu_model', '?')} (fingerprint {machine.get('fingerprint', '?')})."),
+        f'exec {command} "$@"',
+        "",
+    ])
+
+
+def write_results(out_dir: Path, study: optuna.Study, best: BestRecord | None) -> dict[str, Path]:
     """Write trials.csv, and with a winner best.json and best.sh, into out_dir; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"trials": out_dir / "trials.csv", "best": out_dir / "best.json", "script": out_dir / "best.sh"}
     trials_frame(study).to_csv(paths["trials"], index=False)
     if best is None:
         return {"trials": paths["trials"]}
-    best = {"placetune_version": __version__, "created": datetime.now(UTC).isoformat(timespec="seconds"), **best}
-    paths["best"].write_text(json.dumps(best, indent=2) + "\n", encoding="utf-8")
-    command = shlex.join(best["server_command"])
-    paths["script"].write_text(
-        "#!/bin/sh\n"
-        f"# Best llama-server placement found by placetune for {Path(best['model']['path']).name}\n"
-        f"# on {best['machine'].get('cpu_model', '?')} (fingerprint {best['machine'].get('fingerprint', '?')}).\n"
-        f'exec {command} "$@"\n',
-        encoding="utf-8",
-    )
+    best = best.model_copy(update={"created": datetime.now(UTC).isoformat(timespec="seconds")})
+    paths["best"].write_text(best.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    paths["script"].write_text(best_script(best), encoding="utf-8")
     paths["script"].chmod(0o755)
     return paths
 
@@ -107,9 +168,9 @@ def load_best(path: Path) -> BestPlan:
     if path.is_dir():
         path = path / "best.json"
     data = _read_json(path, "a best.json or the results folder of a search")
-    if not isinstance(data, dict) or "placement" not in data or "model" not in data:
-        raise PlacetuneError(f"{path} is not a placetune best.json (no placement/model)")
-    return BestPlan(data)
+    if not isinstance(data, dict):
+        raise PlacetuneError(f"{path} is not a placetune best.json (not a JSON object)")
+    return BestPlan(data, str(path))
 
 
 def load_placement(path: Path) -> Placement:

@@ -2,11 +2,12 @@
 
 A search may measure with embedded llama.cpp or llama-bench, and those are known to disagree with
 llama-server (llama.cpp issue 25121), so the number a user deploys is checked against the number the
-search reported, and a gap outside the noise band is said plainly rather than averaged away.
+search reported (through placetune.compare), and a gap beyond the noise is said plainly rather than averaged away.
 """
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -14,41 +15,35 @@ from pathlib import Path
 
 from rich.table import Table
 
+from placetune.compare import SAME, Comparison, compare
 from placetune.errors import PlacetuneError
 from placetune.export import export
 from placetune.results import BestPlan
-from placetune.runners.base import Measurement, Workload
+from placetune.runners.base import Measurement, Stats, Workload
 from placetune.runners.binaries import find_binary
 from placetune.runners.llama_server import LlamaServerRunner, free_port, running_server
 
-MIN_BAND = 0.05  # differences under about 5% are noise unless they replicate (notes on measuring)
 DISAGREE_ISSUE = "llama.cpp issue 25121"
 
 
 @dataclass
-class Comparison:
-    """One metric: what the search reported, what the exported server line measured, and their ratio."""
+class MetricCheck:
+    """One metric: the search's samples against the exported server line's, compared by placetune.compare."""
 
     metric: str
-    searched: float
-    searched_spread: float
-    measured: float
-    measured_spread: float
-    band: float
-
-    @property
-    def ratio(self) -> float:
-        return self.measured / self.searched if self.searched else float("inf")
+    searched: Stats
+    measured: Stats
+    comparison: Comparison
 
     @property
     def inside(self) -> bool:
-        return abs(self.ratio - 1) <= self.band
+        return self.comparison.verdict == SAME
 
     def verdict(self) -> str:
         if self.inside:
             return "within noise"
-        direction = "slower" if self.ratio < 1 else "faster"
-        return f"outside the band: {abs(self.ratio - 1):.0%} {direction}"
+        c = self.comparison
+        return f"{c.verdict}: {abs(c.ratio - 1):.0%} {'slower' if c.ratio < 1 else 'faster'} than searched"
 
 
 @dataclass
@@ -59,7 +54,7 @@ class VerifyResult:
     workload: Workload
     searched_by: str
     measurement: Measurement
-    comparisons: list[Comparison]
+    comparisons: list[MetricCheck]
     notes: list[str] = field(default_factory=list)
 
 
@@ -102,11 +97,11 @@ def verify(plan: BestPlan, *, bin_dir: str | Path | None = None, rpc: list[str] 
     comparisons = []
     for metric, stats in (("pp", m.pp), ("tg", m.tg)):
         ref = searched.get(metric) or {}
-        if not stats.samples or not ref.get("median"):
+        samples = tuple(ref.get("samples") or ())
+        if not stats.samples or not samples:
             continue
-        spread = float(ref.get("spread") or 0.0)
-        comparisons.append(Comparison(metric, float(ref["median"]), spread, stats.median, stats.spread,
-                                      band=max(MIN_BAND, spread)))
+        before = Stats(samples, int(ref.get("tokens_per_sample") or 0))
+        comparisons.append(MetricCheck(metric, before, stats, compare(stats.samples, samples)))
     notes = []
     planned = (plan.data.get("machine") or {}).get("fingerprint")
     if fingerprint and planned and planned != fingerprint:
@@ -114,8 +109,8 @@ def verify(plan: BestPlan, *, bin_dir: str | Path | None = None, rpc: list[str] 
                      "different hardware or llama.cpp builds")
     outside = [c for c in comparisons if not c.inside]
     if outside:
-        gaps = ", ".join(f"{c.metric} {c.ratio:.2f}x" for c in outside)
-        head = f"llama-server measured {gaps} of what the search's {searched_by} runner reported, outside the band"
+        gaps = ", ".join(f"{c.metric} {c.comparison.describe()}" for c in outside)
+        head = f"llama-server measured {gaps} of what the search's {searched_by} runner reported, beyond the noise"
         if searched_by == "llama-server":
             notes.append(f"{head}; both numbers come from llama-server, so this is drift or load: run verify again")
         else:
@@ -125,16 +120,19 @@ def verify(plan: BestPlan, *, bin_dir: str | Path | None = None, rpc: list[str] 
 
 
 def comparison_table(result: VerifyResult) -> Table:
-    """Searched vs measured per metric, the ratio and the band it is judged against."""
+    """Searched vs measured per metric: the ratio with its 95% interval and the verdict."""
     w = result.workload
-    table = Table(title=f"verify: pp{w.n_prompt} tg{w.n_gen}, {w.repetitions} repetitions after {w.warmups} "
+    depth = f" at depth {w.depth}" if w.depth else ""
+    table = Table(title=f"verify: pp{w.n_prompt} tg{w.n_gen}{depth}, {w.repetitions} repetitions after {w.warmups} "
                         "warm-up(s), as searched")
-    for col in ("metric", f"searched ({result.searched_by})", "measured (llama-server)", "ratio", "band",
-                "verdict"):
+    for col in ("metric", f"searched ({result.searched_by})", "measured (llama-server)", "measured/searched",
+                "95% interval", "verdict"):
         table.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
     for c in result.comparisons:
         style = "" if c.inside else "bold yellow"
-        table.add_row(c.metric, f"{c.searched:.2f} ± {c.searched_spread:.1%}",
-                      f"{c.measured:.2f} ± {c.measured_spread:.1%}", f"{c.ratio:.3f}", f"±{c.band:.1%}",
+        low, high = c.comparison.low, c.comparison.high
+        interval = f"{low:.3f}-{high:.3f}" if math.isfinite(low) and math.isfinite(high) else "too few samples"
+        table.add_row(c.metric, f"{c.searched.median:.2f} ± {c.searched.spread:.1%}",
+                      f"{c.measured.median:.2f} ± {c.measured.spread:.1%}", f"{c.comparison.ratio:.3f}", interval,
                       c.verdict(), style=style)
     return table

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import shlex
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,16 +24,17 @@ from rich.progress import (
 from rich.table import Table
 
 from placetune.anatomy import Anatomy, column_of
+from placetune.compare import NOISY_SPREAD
 from placetune.placement import Placement, layer_devices, tensor_buffer
 from placetune.runners.base import Measurement, Workload
 from placetune.units import UNITS, human_bytes
 
 if TYPE_CHECKING:
     from placetune.hardware import Machine
-    from placetune.search import Search
+    from placetune.results import BestRecord
+    from placetune.search import Contender, Search
 
 
-NOISY = 0.05  # relative spread above which a measurement is flagged (see the notes on measuring)
 
 
 def _unit_for(n: float) -> tuple[float, str]:
@@ -121,10 +125,10 @@ def measurement_table(m: Measurement, workload: Workload, console: Console) -> N
         facts.append(f"peak RSS {human_bytes(m.peak_rss_bytes)}")
     facts.append(f"wall {m.wall_s:.2f} s, of which measured {m.measure_s:.2f} s")
     console.print(", ".join(facts), highlight=False)
-    noisy = [name for name, stats in (("pp", m.pp), ("tg", m.tg)) if stats.spread > NOISY]
+    noisy = [name for name, stats in (("pp", m.pp), ("tg", m.tg)) if stats.spread > NOISY_SPREAD]
     if noisy:
-        console.print(f"[yellow]noisy:[/] {' and '.join(noisy)} spread above {NOISY:.0%}; differences smaller than "
-                      "that are not real. Close other programs, or add --reps/--warmups.", highlight=False)
+        console.print(f"[yellow]noisy:[/] {' and '.join(noisy)} spread above {NOISY_SPREAD:.0%}; differences "
+                      "smaller than that are not real. Close other programs, or add --reps/--warmups.", highlight=False)
     for issue in m.placement_issues:
         console.print(f"[yellow]placement check:[/] {issue}", highlight=False)
     if not m.placement_issues:
@@ -182,7 +186,7 @@ def machine_table(machine: Machine, console: Console) -> None:
 
 
 class SearchProgress:
-    """A progress bar: trial k of N, the current best pp/tg, and the ETA."""
+    """A progress bar: trial k of N, the current best pp/tg, and the ETA; then the final round's progress."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -200,18 +204,30 @@ class SearchProgress:
             self.task = self.progress.add_task("trials", total=total, completed=done, best=self._best(search))
             yield
 
+    def note(self, text: str) -> None:
+        self.console.print(f"[yellow]note:[/] {escape(text)}", highlight=False)
+
     def update(self, trial: FrozenTrial, search: Search) -> None:
         if self.task is None:
             return
         ua = trial.user_attrs
-        seed = f" [{ua['seed_name']}]" if ua.get("seed_name") else ""
+        seed = f" [{ua['name']}]" if ua.get("name") else ""
         if trial.state.name == "COMPLETE":
             what = f"pp {ua.get('pp') or 0:.1f} tg {ua.get('tg') or 0:.1f}"
+            if "duplicate_of" in ua:
+                what += f" (same placement as trial {ua['duplicate_of']}, not counted)"
         else:
-            what = f"{trial.state.name.lower()}: {ua.get('reason', '')[:90]}"
+            what = f"{trial.state.name.lower()}: {ua.get('reason', '')[:110]}"
         self.progress.console.print(f"trial {trial.number}{seed}: {ua.get('flags', '')} -> {what}",
                                     highlight=False, markup=False)
         self.progress.update(self.task, completed=search.config.n_trials - search.remaining(), best=self._best(search))
+
+    def final(self, contender: Contender, round_index: int) -> None:
+        """One final-round measurement done."""
+        state = (f"pp {statistics.median(contender.pp):.1f} tg {statistics.median(contender.tg):.1f}"
+                 if contender.ok and contender.pp and contender.tg else f"{contender.status}: {contender.reason}")
+        self.console.print(f"final round {round_index + 1}: {contender.name} -> {state}", highlight=False,
+                           markup=False)
 
     @staticmethod
     def _best(search: Search) -> str:
@@ -222,39 +238,52 @@ class SearchProgress:
         return f"best: pp {ua.get('pp') or 0:.1f} tg {ua.get('tg') or 0:.1f} t/s"
 
 
-def search_summary(record: dict[str, Any], finals: list[tuple[FrozenTrial, Measurement]], workload: Workload,
-                   console: Console) -> None:
-    """The winner against each baseline, with ratios and spreads, then the llama-server line."""
-    m = record["measurement"]
-    pp, tg = m["pp"]["median"], m["tg"]["median"]
-    table = Table(title=f"best placement vs baselines (pp{workload.n_prompt}, tg{workload.n_gen}, measured)")
-    for col in ("placement", "pp t/s", "± spread", "tg t/s", "± spread", "best/this pp", "best/this tg"):
-        table.add_column(col, justify="right" if col != "placement" else "left")
-    table.add_row(f"[bold]best (trial {record['study']['winner_trial']})[/]", f"{pp:.2f}", f"{m['pp']['spread']:.1%}",
-                  f"{tg:.2f}", f"{m['tg']['spread']:.1%}", "1.00", "1.00")
-    failed = []
-    for b in record["baselines"]:
-        if b["pp"] and b["tg"] and b["state"] == "COMPLETE":
-            table.add_row(b["name"], f"{b['pp']:.2f}", f"{(b['pp_spread'] or 0):.1%}", f"{b['tg']:.2f}",
-                          f"{(b['tg_spread'] or 0):.1%}", f"{pp / b['pp']:.2f}", f"{tg / b['tg']:.2f}")
-        else:
-            table.add_row(b["name"], f"[dim]{b['state'].lower()}[/]", "", "", "", "", "")
-            failed.append(f"{b['name']}: {b['reason']}")
+def _ratio_cell(c: dict[str, Any] | None) -> str:
+    """A ratio with its interval and verdict, from a Comparison's dict; '' when not compared."""
+    if not c:
+        return ""
+    ratio, low, high = c["ratio"], c["low"], c["high"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{ratio:.2f}x (too few samples)"
+    verdict = {"faster": "winner faster", "slower": "winner slower"}.get(c["verdict"], "within noise")
+    return f"{ratio:.2f}x [{low:.2f}-{high:.2f}] {verdict}"
+
+
+def search_summary(record: BestRecord, console: Console) -> None:
+    """The final round: every contender against the winner with ratio, interval and verdict; the decision;
+    then the flags and the llama-server line to paste."""
+    w = record.workload
+    depth = f" @ d{w['depth']}" if w.get("depth") else ""
+    table = Table(title=f"final round, interleaved (pp{w['n_prompt']}, tg{w['n_gen']}{depth}; "
+                        f"{record.study.get('objective')} decides; ratios winner/this, 95% interval)")
+    for col in ("placement (flags as run)", "pp t/s", "tg t/s", "winner/this (objective)"):
+        table.add_column(col, justify="left" if col.startswith("placement") else "right")
+    unmeasured = []
+    for row in record.rows:
+        label = f"[bold]{escape(row['name'])}[/] ({row['role']})\n[dim]{escape(row['flags'])}[/]"
+        if row["pp"] is None and row["tg"] is None:
+            unmeasured.append(row)
+            table.add_row(label, f"[dim]{escape(row['status'])}[/]", "", "")
+            continue
+        cells = [f"{st['median']:.2f} ±{st['spread']:.1%}" if st else "" for st in (row["pp"], row["tg"])]
+        table.add_row(label, *cells, "winner" if row["role"] == "winner" else
+                      _ratio_cell(row["vs_winner"].get("objective")))
     console.print(table)
-    for line in failed:
-        console.print(f"[dim]{line}[/]", highlight=False)
-    if record["study"]["objective"] == "pareto":
-        front = Table(title="Pareto front: no trial here is beaten on both pp and tg (re-measured, interleaved)")
-        for col in ("trial", "pp t/s", "tg t/s", "flags"):
-            front.add_column(col, justify="left" if col == "flags" else "right")
-        for t, fm in finals:
-            front.add_row(str(t.number), f"{fm.pp.median:.2f}", f"{fm.tg.median:.2f}", t.user_attrs.get("flags", ""))
+    for row in unmeasured:
+        console.print(f"[dim]{escape(row['name'])}: {escape(row['reason'])}[/]", highlight=False)
+    if record.front:
+        front = Table(title="Pareto front of the final round: none beaten on both pp and tg")
+        for col in ("placement", "pp t/s", "tg t/s", "flags"):
+            front.add_column(col, justify="left" if col in ("placement", "flags") else "right")
+        for f in record.front:
+            front.add_row(f["name"], f"{f['pp']['median']:.2f}", f"{f['tg']['median']:.2f}", f["flags"])
         console.print(front)
-        console.print("the server line below is the front member with the shortest request for this workload",
+        console.print("the server line below is the one with the shortest request for this workload",
                       highlight=False)
-    elif len(finals) > 1:
-        console.print("final interleaved re-measure: " + ", ".join(
-            f"trial {t.number} pp {fm.pp.median:.1f} tg {fm.tg.median:.1f}" for t, fm in finals), highlight=False)
-    console.print("[bold]flags:[/] " + record["flags"], highlight=False, markup=True)
+    decision = record.decision or {}
+    console.print(f"[bold]verdict:[/] {escape(decision.get('message', ''))}", highlight=False)
+    if decision.get("noise_warning"):
+        console.print(f"[yellow]noisy:[/] {escape(decision['noise_warning'])}", highlight=False)
+    console.print("[bold]flags:[/] " + escape(record.flags), highlight=False)
     console.print("[bold]llama-server:[/]", highlight=False)
-    console.print(shlex.join(record["server_command"]), highlight=False, markup=False, soft_wrap=True)
+    console.print(shlex.join(record.server_command), highlight=False, markup=False, soft_wrap=True)

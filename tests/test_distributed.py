@@ -26,8 +26,8 @@ import pytest
 from placetune.anatomy import read_anatomy
 from placetune.hardware import LlamaDevice, Machine
 from placetune.runners.base import Measurement, Workload
-from placetune.search import Search, SearchConfig, retried_numbers
-from placetune.space import SPACES_DIR, load_space
+from placetune.search import Search, SearchConfig, counted, retried_numbers, serving_for
+from placetune.space import builtin_space
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -146,13 +146,11 @@ def kill_mid_trial(proc: subprocess.Popen[str], url: str) -> int:
 def assert_study_complete(study: optuna.Study, n_trials: int) -> list[optuna.trial.FrozenTrial]:
     """n_trials counted trials, nothing left running or queued, numbers unique, no placement measured twice."""
     trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
-    counted = [t for t in trials if t.number not in retried]
-    assert len(counted) == n_trials, [(t.number, t.state.name) for t in trials]
+    assert len(counted(trials)) == n_trials, [(t.number, t.state.name) for t in trials]
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert all(t.state.is_finished() for t in trials), [(t.number, t.state.name) for t in trials]
     measured = [t.user_attrs["flags"] for t in trials
-                if t.state.name == "COMPLETE" and "same placement" not in t.user_attrs.get("reason", "")]
+                if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
     assert len(measured) == len(set(measured)), measured
     return trials
 
@@ -165,8 +163,8 @@ def test_two_workers_share_one_study(tiny_moe: Path, pg_url: str, tmp_path: Path
         assert rc == 0, err + out
     trials = assert_study_complete(only_study(pg_url), 10)
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # both measured
-    seeds = [t.user_attrs["seed_name"] for t in trials if "seed_name" in t.user_attrs]
-    assert len(seeds) == len(set(seeds)) > 0  # the creator alone enqueued them
+    seeds = [t.user_attrs["name"] for t in trials if "name" in t.user_attrs]
+    assert len(seeds) == len(set(seeds)) > 0  # both enqueued them, each seed once
     assert any("sharing" in out for _, out, _ in results)  # the override is said out loud
     for i in range(2):
         best = json.loads(next((tmp_path / f"w{i}").glob("*/*/best.json")).read_text())
@@ -188,7 +186,7 @@ def test_sigkilled_worker_trial_is_failed_by_heartbeat_and_retried(tiny_moe: Pat
     assert {t.number: t.values for t in trials if t.number in done} == done  # nothing finished was lost
     dead = trials[killed]
     assert dead.state.name == "FAIL"
-    assert "reason" not in dead.user_attrs  # failed by the heartbeat check, not by the same-host pid check
+    assert "reason" not in dead.user_attrs, dead.user_attrs.get("reason")  # failed by the heartbeat check, not by the same-host pid check
     retries = [t for t in trials if t.system_attrs.get("retry_history") == [killed]]
     assert len(retries) == 1 and retries[0].params == dead.params
     assert retries[0].user_attrs["pid"] == survivor.pid and retries[0].state.name in ("COMPLETE", "PRUNED")
@@ -221,8 +219,10 @@ def test_fingerprint_mismatch_is_refused(tiny_moe: Path, pg_url: str, tmp_path: 
     rc, out, err = finish(start(search_cmd(tiny_moe, pg_url, tmp_path, 2, "--study-name", "fleet")))
     assert rc == 0, err + out
     study = optuna.load_study(study_name="fleet", storage=pg_url)
-    ours = study.user_attrs["fingerprint"]
-    study.set_user_attr("fingerprint", "0123456789ab")  # as if another kind of machine had created it
+    info = study.user_attrs["placetune"]
+    ours = info["fingerprint"]
+    # as if another kind of machine had created it
+    study.set_user_attr("placetune", {**info, "fingerprint": "0123456789ab"})
 
     rc, out, err = finish(start(search_cmd(tiny_moe, pg_url, tmp_path, 4, "--study-name", "fleet")))
     assert rc == 2 and len(err.strip().splitlines()) == 1, err + out
@@ -271,9 +271,10 @@ class FailingRunner:
 def test_failed_measurements_are_results_not_retries(tiny_moe: Path, pg_url: str) -> None:
     cpu = LlamaDevice("CPU", "test cpu", "CPU", 2**34, 2**34)
     machine = Machine("test", "test cpu", 4, 8, 2**34, 2**34, [], [cpu], {"test": "fake"})
-    cfg = SearchConfig(model=tiny_moe, anatomy=read_anatomy(tiny_moe), machine=machine,
-                       space=load_space(SPACES_DIR / "cpu.toml"), workload=Workload(16, 4, 0, 2, 0),
-                       n_trials=5, storage=pg_url, heartbeat_s=1, grace_s=2)
+    anatomy, workload = read_anatomy(tiny_moe), Workload(16, 4, 0, 2, 0)
+    cfg = SearchConfig(model=tiny_moe, anatomy=anatomy, machine=machine, space=builtin_space("cpu"),
+                       workload=workload, serving=serving_for(anatomy, workload), n_trials=5, storage=pg_url,
+                       heartbeat_s=1, grace_s=2)
     runner = FailingRunner()
     search = Search(cfg, runner)
     search.enqueue_seeds()

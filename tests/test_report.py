@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import re
@@ -67,10 +68,10 @@ def test_html_holds_every_plot_and_nothing_external(report: Path) -> None:
 def test_summary_compares_best_with_each_baseline(results: Path, report: Path) -> None:
     page = report.read_text(encoding="utf-8")
     best = json.loads((results / "best.json").read_text())
-    assert "best (trial" in page
-    for baseline in best["baselines"]:
-        assert baseline["name"] in page
-    assert "best/this tg" in page and "predicted tg" in page and "efficiency" in page
+    assert "(winner)" in page and "winner/this" in page
+    for row in best["rows"]:
+        assert html.escape(row["name"]) in page
+    assert "predicted tg" in page and "efficiency" in page and html.escape(best["notes"][0]) in page
     assert "CPU 20.0 GB/s (user (--ram-bw))" in page
 
 
@@ -78,7 +79,7 @@ def test_storage_file_and_csv_fallback(results: Path, tmp_path: Path) -> None:
     db = results.parents[1] / "placetune.db"
     files = write_report(db, tmp_path / "from-db", ram_gbs=20.0)
     page = files.html.read_text()
-    assert len(images(page)) == len(PLOTS) and "best (trial" in page and "llama.cpp defaults" in page
+    assert len(images(page)) == len(PLOTS) and "no final round" in page and "everything on the accelerator" in page
     # A results folder copied without its database still reports, from trials.csv.
     moved = tmp_path / "copied"
     shutil.copytree(results, moved, ignore=shutil.ignore_patterns("report"))

@@ -69,12 +69,12 @@ def test_search_with_rpc_budget_prunes_and_respects_it(tiny_moe: Path, rpc_serve
     trials = pd.read_csv(next(tmp_path.glob("*/*/trials.csv")))
     infeasible = trials[trials["reason"].fillna("").str.startswith("predicted not to fit")]
     assert len(infeasible) > 0 and infeasible["pp"].isna().all()  # pruned before any launch: nothing measured
-    seeds = " = ".join(trials["seed"].dropna())
-    assert "best by the bandwidth model" in seeds and "llama-fit-params" in seeds
+    seeds = " = ".join(trials["name"].dropna())
+    assert "best by the bandwidth model" in seeds and "llama-fit-params for the budget" in seeds
     best = json.loads(next(tmp_path.glob("*/*/best.json")).read_text())
     assert best["predicted"]["label"] == "PREDICTED" and best["predicted"]["tg"] > 0
     placement = Placement.from_dict(best["placement"])
-    need = predict_memory(anatomy, placement, ["RPC0"], 16 + 4)
+    need = predict_memory(anatomy, placement, ["RPC0"], placement.ctx)
     assert "RPC0" not in need or need["RPC0"].total <= budget
     assert best["measurement"]["device_memory"].get("RPC0", 0) <= budget
 

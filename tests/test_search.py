@@ -9,18 +9,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 
 from placetune.anatomy import read_anatomy
+from placetune.budgets import parse_budgets
 from placetune.errors import PlacetuneError
 from placetune.hardware import LlamaDevice, Machine
-from placetune.memory import check_fit, parse_budgets, predict_memory
+from placetune.memory import check_fit, predict_memory
 from placetune.placement import Placement, bytes_per_buffer, render_flags
 from placetune.runners.base import Measurement, Stats, Workload
-from placetune.search import Search, SearchConfig
-from placetune.space import SPACES_DIR, load_space, resolve_space, to_placement
+from placetune.search import Decision, Search, SearchConfig, counted, serving_for
+from placetune.search.seeds.by_hand import ByHand
+from placetune.search.seeds.roofline import Roofline
+from placetune.space import builtin_space, load_space, resolve_space, to_placement
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 GIB = 2**30
@@ -35,52 +39,140 @@ def fake_machine(accel_free: int | None = 8 * GIB) -> Machine:
 
 class LandscapeRunner:
     """A fake runner with a known optimum: tg grows with bytes on the accelerator, pp peaks at ubatch 1024,
-    and 3 threads are best. Counts calls so tests can prove pruned trials never launch."""
+    and 3 threads are best. Optional log-normal noise (sigma) with rare outliers; counts calls so tests can
+    prove pruned trials never launch. `flat` makes every placement equally fast."""
 
     name = "fake"
 
-    def __init__(self, anatomy, devices: list[str]) -> None:
+    def __init__(self, anatomy, devices: list[str], sigma: float = 0.0, seed: int = 0, flat: bool = False) -> None:
         self.anatomy, self.devices, self.calls = anatomy, devices, 0
         self.launched: list[str] = []
+        self.sigma, self.flat = sigma, flat
+        self.rng = np.random.default_rng(seed)
 
-    def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
-        self.calls += 1
-        self.launched.append(render_flags(placement))
+    def truth(self, placement: Placement) -> tuple[float, float]:
+        if self.flat:
+            return 1000.0, 500.0
         on_accel = sum(v for k, v in bytes_per_buffer(self.anatomy, placement, self.devices).items() if k != "CPU")
         share = on_accel / self.anatomy.total_bytes
         tg = 100 + 900 * share - 40 * abs((placement.threads or 4) - 3)
         pp = 1000 - abs((placement.ubatch or 512) - 1024) / 2
+        return pp, tg
+
+    def _noisy(self, value: float, n: int) -> tuple[float, ...]:
+        if not self.sigma:
+            return (value,) * n
+        factors = self.rng.lognormal(0.0, self.sigma, n)
+        outliers = self.rng.random(n) < 0.03  # now and then a run is disturbed badly
+        factors[outliers] *= 0.6
+        return tuple(float(value * f) for f in factors)
+
+    def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
+        self.calls += 1
+        self.launched.append(render_flags(placement))
+        pp, tg = self.truth(placement)
         n = workload.repetitions
-        return Measurement("fake", "ok", pp=Stats((pp,) * n, workload.n_prompt), tg=Stats((tg,) * n, workload.n_gen))
+        return Measurement("fake", "ok", pp=Stats(self._noisy(pp, n), workload.n_prompt),
+                           tg=Stats(self._noisy(tg, n), workload.n_gen))
 
 
 def config(anatomy, model: Path, tmp_path: Path, **kw) -> SearchConfig:
+    workload = Workload(n_prompt=64, n_gen=16, repetitions=2, warmups=0)
     base = dict(
-        model=model, anatomy=anatomy, machine=fake_machine(), space=load_space(SPACES_DIR / "moe.toml"),
-        workload=Workload(n_prompt=64, n_gen=16, repetitions=2, warmups=0), objective="tg", n_trials=40,
-        storage=f"sqlite:///{tmp_path / 'study.db'}", final_rounds=1,
+        model=model, anatomy=anatomy, machine=fake_machine(), space=builtin_space("moe"),
+        workload=workload, serving=serving_for(anatomy, workload), objective="tg", n_trials=40,
+        storage=f"sqlite:///{tmp_path / 'study.db'}", final_rounds=1, bandwidths={"CPU": 20.0, "RPC0": 200.0},
+        seed_sources=[ByHand(), Roofline()],
     )
     base.update(kw)
     return SearchConfig(**base)
+
+
+def run(cfg: SearchConfig, runner: LandscapeRunner) -> tuple[Search, Decision]:
+    search = Search(cfg, runner)
+    search.enqueue_seeds()
+    search.run()
+    decision = search.final_measure()
+    assert decision is not None
+    return search, decision
 
 
 def test_optimizer_finds_the_known_optimum(tiny_moe: Path, tmp_path: Path) -> None:
     anatomy = read_anatomy(tiny_moe)
     cfg = config(anatomy, tiny_moe, tmp_path)
     runner = LandscapeRunner(anatomy, cfg.devices)
-    search = Search(cfg, runner)
-    search.enqueue_seeds()
-    search.run()
+    search, decision = run(cfg, runner)
     best = search.ranked()[0]
     placement = Placement.from_dict(best.user_attrs["placement"])
     # The optimum: every layer and the output head on the accelerator, no experts in RAM, 3 threads.
     assert placement.n_gpu_layers == anatomy.facts.n_layers + 1
     assert not placement.overrides
     assert placement.threads == 3
-    # Duplicates are answered from storage: no placement is launched more than screen + rest.
-    assert max(runner.launched.count(f) for f in runner.launched) <= 2
-    optimum = runner.measure(tiny_moe, Placement(n_gpu_layers=anatomy.facts.n_layers + 1, threads=3), cfg.workload)
-    assert best.values[0] == pytest.approx(optimum.tg.median)
+    # Repeats are answered from storage: no placement is launched more than screen + rest, plus the final round.
+    assert max(runner.launched.count(f) for f in runner.launched) <= 3
+    # Exact figures: the optimum beats the best baseline (everything on the accelerator, 4 threads) for real.
+    assert decision.winner.trial == best.number and decision.beat_baseline
+    assert decision.best_baseline is not None and decision.best_baseline.name.startswith("everything on")
+
+
+def test_repeats_cost_no_measurement_and_no_share_of_the_trials(tiny_moe: Path, tmp_path: Path) -> None:
+    anatomy = read_anatomy(tiny_moe)
+    space = builtin_space("moe")
+    for name in ("ubatch", "batch", "threads", "flash_attn", "load_mode", "no_op_offload"):
+        space.pin(name, {"ubatch": "512", "batch": "2048", "threads": "2", "flash_attn": "on",
+                         "load_mode": "auto", "no_op_offload": "false"}[name])
+    cfg = config(anatomy, tiny_moe, tmp_path, space=space, n_trials=20, screen=False)
+    runner = LandscapeRunner(anatomy, cfg.devices)
+    search, _ = run(cfg, runner)
+    trials = search.study.trials
+    repeats = [t for t in trials if "duplicate_of" in t.user_attrs]
+    assert repeats, "a small space makes the sampler propose placements again"
+    assert len(counted(trials)) == 20 and len(trials) == 20 + len(repeats)
+    flags = [t.user_attrs["flags"] for t in trials if "duplicate_of" not in t.user_attrs
+             and t.state.name == "COMPLETE"]
+    assert len(flags) == len(set(flags))  # every measured placement is measured once in the search phase
+
+
+def test_baselines_run_exactly_what_their_labels_say(tiny_moe: Path, tmp_path: Path) -> None:
+    anatomy = read_anatomy(tiny_moe)
+    cfg = config(anatomy, tiny_moe, tmp_path, n_trials=12)
+    runner = LandscapeRunner(anatomy, cfg.devices)
+    search, decision = run(cfg, runner)
+    rows = {r.name: r for r in decision.rows}
+    ctx = f"-c {cfg.serving.ctx} -np 1"
+    assert rows["everything on the accelerator (-ngl all)"].flags == f"-ngl 999 {ctx}"
+    assert rows["no offload (-ngl 0)"].flags == f"-ngl 0 {ctx}"
+    assert rows["all experts in RAM (-ngl all --cpu-moe)"].flags == f"-ngl 999 --cpu-moe {ctx}"
+    # The sampler never fills a knob the baseline leaves at llama.cpp's default.
+    baselines = [t for t in search.study.trials if t.user_attrs.get("role") == "baseline"]
+    assert len(baselines) == 3 and all(not t.params for t in baselines)
+    # Every row's ratio comes from the final round, with an interval and a verdict.
+    for row in decision.rows:
+        if row.role != "winner":
+            assert row.vs_winner["objective"].verdict in ("faster", "slower", "not distinguishable")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_noisy_winner_is_never_slower_than_the_best_baseline(tiny_moe: Path, tmp_path: Path, seed: int) -> None:
+    anatomy = read_anatomy(tiny_moe)
+    cfg = config(anatomy, tiny_moe, tmp_path, n_trials=14, seed=seed, final_rounds=2,
+                 workload=Workload(n_prompt=64, n_gen=16, repetitions=3, warmups=0))
+    runner = LandscapeRunner(anatomy, cfg.devices, sigma=0.04, seed=seed)
+    _, decision = run(cfg, runner)
+    truth = {c.name: runner.truth(c.placement)[1] for c in [decision.winner, decision.best_baseline] if c}
+    assert decision.best_baseline is not None
+    assert truth[decision.winner.name] >= truth[decision.best_baseline.name] * 0.97
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_when_nothing_is_faster_the_baseline_is_named(tiny_moe: Path, tmp_path: Path, seed: int) -> None:
+    anatomy = read_anatomy(tiny_moe)
+    cfg = config(anatomy, tiny_moe, tmp_path, n_trials=12, seed=seed, final_rounds=2,
+                 workload=Workload(n_prompt=64, n_gen=16, repetitions=3, warmups=0))
+    runner = LandscapeRunner(anatomy, cfg.devices, sigma=0.04, seed=100 + seed, flat=True)
+    _, decision = run(cfg, runner)
+    assert decision.winner.is_baseline and not decision.beat_baseline
+    assert decision.message.startswith("nothing beat")
 
 
 def test_infeasible_trials_are_pruned_without_a_launch(tiny_moe: Path, tmp_path: Path) -> None:
@@ -92,8 +184,8 @@ def test_infeasible_trials_are_pruned_without_a_launch(tiny_moe: Path, tmp_path:
     search.enqueue_seeds()
     search.run()
     pruned = [t for t in search.study.trials if t.state.name == "PRUNED"]
-    infeasible = [t for t in pruned if t.user_attrs["reason"].startswith("predicted not to fit")]
-    screened = [t for t in pruned if t.user_attrs["reason"].startswith("screened out")]
+    infeasible = [t for t in pruned if "predicted not to fit" in t.user_attrs["reason"]]
+    screened = [t for t in pruned if "screened out" in t.user_attrs["reason"]]
     assert infeasible and len(infeasible) + len(screened) == len(pruned)
     assert not {t.user_attrs["flags"] for t in infeasible} & set(runner.launched)
     measured = [t for t in search.study.trials if t.state.name == "COMPLETE"]
@@ -102,11 +194,13 @@ def test_infeasible_trials_are_pruned_without_a_launch(tiny_moe: Path, tmp_path:
         p = Placement.from_dict(t.user_attrs["placement"])
         need = predict_memory(anatomy, p, ["RPC0"], cfg.n_ctx)
         assert check_fit(need, {"RPC0": budget}, margin=0).fits
-    # The all-on-accelerator seed cannot fit and was pruned; the bandwidth model offered one that fits.
-    seeds = {t.user_attrs.get("seed_name"): t.state.name for t in search.study.trials}
-    assert seeds["llama.cpp defaults (everything on the accelerator)"] == "PRUNED"
+    # The all-on-accelerator baseline cannot fit and was pruned; the bandwidth model offered one that fits.
+    seeds = {t.user_attrs.get("name"): t.state.name for t in search.study.trials}
+    assert seeds["everything on the accelerator (-ngl all)"] == "PRUNED"
     model_best = [name for name in seeds if name and "best by the bandwidth model" in name]
     assert model_best and seeds[model_best[0]] == "COMPLETE"
+    _, unmeasured = search.contenders()
+    assert [r.status for r in unmeasured if r.name.startswith("everything")] == ["does not fit"]
 
 
 def test_space_validation_names_the_bad_key(tmp_path: Path) -> None:
@@ -116,11 +210,18 @@ def test_space_validation_names_the_bad_key(tmp_path: Path) -> None:
         ('[params.flash_attn]\nchoices = ["sometimes"]', "sometimes"),
         ('[params.threads]\ntype = "int"\nlow = 1\nhigh = "cores"', "cores"),
         ('[params.threads]\nlow = 1', "give choices"),
+        ('[params.threads]\ntype = "int"\nlow = 4\nhigh = 1', "low 4 is above high 1"),
+        ('[params.ubatch]\nchoices = [0]', "must be a whole number >= 1"),
+        ('description = "x"', "no \\[params"),
         ("[params", "not valid TOML"),
     ]:
         bad.write_text(text)
         with pytest.raises(PlacetuneError, match=message):
             load_space(bad)
+    # A bound that names a fact is checked on this machine, before any trial: 4 threads on 2 cores is refused.
+    bad.write_text('[params.threads]\ntype = "int"\nlow = 4\nhigh = "physical_cores"')
+    with pytest.raises(PlacetuneError, match=r"low 4 is above high 2 here \(physical_cores=2\)"):
+        load_space(bad).check({"physical_cores": 2})
 
 
 def test_default_space_follows_model_and_hardware(tiny_moe: Path, tiny_dense: Path) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import re
 import signal
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+from placetune.errors import PlacetuneError
 from placetune.placement import Placement
 
 OK, OOM, CRASH, TIMEOUT, BAD_ARGS, ERROR = "ok", "oom", "crash", "timeout", "bad-args", "error"
@@ -30,11 +31,31 @@ class Workload:
     warmups: int = 3
     timeout_s: float = 900.0
 
+    def __post_init__(self) -> None:
+        for flag, value, least in (("--prompt-tokens/-p", self.n_prompt, 0), ("--gen-tokens/-n", self.n_gen, 0),
+                                   ("--depth/-d", self.depth, 0), ("--reps/-r", self.repetitions, 1),
+                                   ("--warmups", self.warmups, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise PlacetuneError(f"{flag} must be a whole number >= {least}, got {value!r}")
+        if not self.n_prompt and not self.n_gen:
+            raise PlacetuneError("-p and -n are both 0: nothing to measure; give a prompt or a generation length")
+        if not self.timeout_s > 0:
+            raise PlacetuneError(f"the timeout must be a positive number of seconds, got {self.timeout_s!r}")
+
+    @property
+    def context_needed(self) -> int:
+        """Context one request fills: the depth prefix, the prompt, and n_gen + 1 sampled tokens."""
+        return self.depth + max(self.n_prompt, 1) + self.n_gen + 1
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Workload:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise PlacetuneError(f"workload has unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
         return cls(**d)
 
 

@@ -200,6 +200,10 @@ class Worker:
         t0 = time.perf_counter()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = max(placement.get("ctx") or 0, depth + n_prompt + n_gen)
+        if placement.get("parallel"):
+            # As llama-server -np N: N sequences, each with its own share of the cache (not unified).
+            cparams.n_seq_max = placement["parallel"]
+            cparams.kv_unified = False
         cparams.n_batch = placement.get("batch") or cparams.n_batch
         cparams.n_ubatch = placement.get("ubatch") or cparams.n_ubatch
         threads = placement.get("threads") or request["default_threads"]

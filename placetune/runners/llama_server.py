@@ -40,14 +40,12 @@ from placetune.runners.process import kill_group
 
 # Process flags, not placement: (flags, the --help text that shows this build has them). -lv 5 prints
 # the DEBUG `buffer type overridden` lines; plain lines (no prefix or timestamps) are what llamalog
-# parses; one slot gets the whole context; -fit off keeps llama.cpp from changing the placement.
+# parses. The serving context (-c, -np) and -fit off come with the placement's own server line.
 _SERVER_FLAGS: tuple[tuple[tuple[str, ...], str | None], ...] = (
     (("-lv", "5"), None),
     (("--no-log-prefix",), "--no-log-prefix"),
     (("--no-log-timestamps",), "--no-log-timestamps"),
     (("--no-webui",), "--no-webui"),
-    (("-np", "1"), None),
-    (("-fit", "off"), "--fit"),
 )
 STOP_GRACE_S = 10.0
 
@@ -198,19 +196,23 @@ class LlamaServerRunner:
         """The exact llama-server command line a measurement starts (the context sized to the workload)."""
         binary = find_binary("llama-server", self.bin_dir)
         if placement.ctx is None:
-            placement = replace(placement, ctx=_needed_ctx(workload))
+            placement = replace(placement, ctx=workload.context_needed)
+        if placement.parallel is None:  # llama-server's own default (-np auto) would size the cache for 4 slots
+            placement = replace(placement, parallel=1)
         return render_server_command(str(model), placement, binary=str(binary), host="127.0.0.1", port=port,
-                                     rpc=self.rpc, extra=server_flags(binary))
+                                     rpc=self.rpc, fit_off="--fit" in binary_help(binary),
+                                     extra=server_flags(binary))
 
     def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
         port = free_port()
         command = self.command(model, placement, workload, port)
         m = Measurement(runner=self.name, status=ERROR, command=command)
         m.build = binary_build(command[0])
-        if placement.ctx is not None and placement.ctx < _needed_ctx(workload):
+        per_slot = (placement.ctx or 0) // (placement.parallel or 1)
+        if placement.ctx is not None and per_slot < workload.context_needed:
             m.status = BAD_ARGS
-            m.reason = (f"-c {placement.ctx} is smaller than depth + prompt + gen + 1 = {_needed_ctx(workload)}; "
-                        "raise -c or shrink the workload")
+            m.reason = (f"-c {placement.ctx} gives each of {placement.parallel or 1} slot(s) {per_slot} tokens, less "
+                        f"than depth + prompt + gen + 1 = {workload.context_needed}; raise -c or shrink the workload")
             return m
         started = time.monotonic()
         deadline = started + workload.timeout_s
@@ -327,7 +329,3 @@ class LlamaServerRunner:
             raise _Failed(ERROR, "llama-server's /completion answer has no timings")
         return timings
 
-
-def _needed_ctx(workload: Workload) -> int:
-    """Context for the longest request: depth prefix, prompt, and n_gen + 1 sampled tokens."""
-    return workload.depth + max(workload.n_prompt, 1) + workload.n_gen + 1

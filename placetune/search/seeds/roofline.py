@@ -1,0 +1,60 @@
+"""placetune's own guess: the placement the bandwidth roofline predicts fastest among those that fit.
+
+It is a candidate, not a baseline: nobody gets it by hand. It is a point of the search space, so the
+sampler learns from it like from any trial.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from placetune.predict import rank_by_prediction
+from placetune.search.seeds import CANDIDATE, Seed, SeedContext
+from placetune.space import to_placement
+
+
+class Roofline:
+    kind = "bandwidth model"
+
+    def seeds(self, context: SeedContext) -> list[Seed]:
+        c = context.config
+        if not c.devices:
+            return []
+        candidates = []
+        for ngl in range(context.facts["n_gpu_layers_max"], -1, -1):
+            n = self._fewest_experts_in_ram(context, ngl)
+            if n is not None:
+                params = self._params(ngl, n)
+                placement = c.fixed(to_placement(params, c.anatomy))
+                candidates.append(((params, placement), placement))
+        ranked = rank_by_prediction(c.anatomy, candidates, c.devices, context.bandwidths())
+        if not ranked:
+            return []
+        (params, placement), _ = ranked[0]
+        name = f"best by the bandwidth model (-ngl {params['n_gpu_layers']} --n-cpu-moe {params['cpu_moe_layers']})"
+        return [Seed(name, placement, CANDIDATE, params)]
+
+    @staticmethod
+    def _params(ngl: int, n: int) -> dict[str, Any]:
+        return {"n_gpu_layers": ngl, "cpu_moe_layers": n, "cpu_moe_position": "first", "cpu_moe_kinds": "all"}
+
+    def _fewest_experts_in_ram(self, context: SeedContext, ngl: int) -> int | None:
+        """The fewest first-N expert layers in RAM that fit at this -ngl (more in RAM never helps the roofline).
+
+        Memory on the accelerator only shrinks as N grows, so a bisection finds it in log(layers) checks.
+        """
+        c = context.config
+
+        def fits(n: int) -> bool:
+            return context.feasibility(c.fixed(to_placement(self._params(ngl, n), c.anatomy))).fits
+
+        low, high = 0, context.facts["n_moe_layers"]
+        if not fits(high):
+            return None
+        while low < high:
+            mid = (low + high) // 2
+            if fits(mid):
+                high = mid
+            else:
+                low = mid + 1
+        return low
