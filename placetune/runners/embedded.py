@@ -29,7 +29,10 @@ from placetune.placement import ExpertRule, Placement, ggml_type_id
 from placetune.runners.base import OK, Measurement, Stats, Workload, classify_failure
 from placetune.runners.embedded_child import model_key
 from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail
-from placetune.runners.process import kill_group
+from placetune.runners.process import kill_group, spawn
+
+# Listing devices takes about a second on a CPU; CUDA initialisation of several GPUs can take several.
+PROBE_TIMEOUT_S = 20.0
 
 
 def default_threads() -> int:
@@ -72,7 +75,8 @@ class EmbeddedRunner:
         started = time.perf_counter()
         try:
             result, timed_out = worker.ask(request, workload.timeout_s)
-        except BaseException:
+        except BaseException:  # Ctrl-C, SIGTERM: the child is mid-measurement and would not read a close
+            kill_group(worker.proc)
             self.close()
             raise
         wall = time.perf_counter() - started
@@ -123,10 +127,7 @@ class _Worker:
         self.command = [sys.executable, "-m", "placetune.runners.embedded_child"]
         # Lives as long as the child; stop() closes it.
         self.log_file = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file,
-            start_new_session=True,
-        )
+        self.proc = spawn(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file)
         self.pending = b""
 
     def alive(self) -> bool:
