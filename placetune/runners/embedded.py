@@ -192,18 +192,30 @@ def _last_json(out: str | None) -> dict[str, Any]:
     return {}
 
 
-def probe_llama(rpc: Sequence[str] = (), timeout_s: float = 60.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The devices llama-cpp-python's llama.cpp sees (RPC servers included) and its build, from a child."""
+def probe_llama(rpc: Sequence[str] = (), timeout_s: float = PROBE_TIMEOUT_S
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The devices llama-cpp-python's llama.cpp sees (RPC servers included) and its build, from a child.
+
+    llama.cpp's RPC client waits forever for a server that accepted the connection but does not
+    answer, so the probe has its own short deadline, after which the child is killed.
+    """
     worker = _Worker(key="probe")
+    timed_out = True  # until the child answers: on a timeout or an interrupt it is killed, not asked to close
     try:
         result, timed_out = worker.ask({"probe": True, "rpc": list(rpc)}, timeout_s)
     finally:
+        if timed_out:
+            kill_group(worker.proc)
         returncode = worker.stop()
         log = worker.log()
         worker.close_log()
     if timed_out:
-        where = f" (RPC {', '.join(rpc)})" if rpc else ""
-        raise PlacetuneError(f"llama.cpp device probe did not answer in {timeout_s:.0f} s{where}")
+        where = ""
+        if rpc:
+            who = (f"server {rpc[0]}; check that it runs" if len(rpc) == 1
+                   else f"servers {', '.join(rpc)}; check that each runs")
+            where = f" while contacting RPC {who} ggml-rpc-server and serves no other client (one is served at a time)"
+        raise PlacetuneError(f"llama.cpp device probe did not answer within {timeout_s:.0f} s{where}")
     if result.get("status") != OK:
         status, reason = classify_failure(returncode, log)
         raise PlacetuneError(f"llama.cpp device probe failed ({status}): {result.get('reason') or reason}")
