@@ -488,8 +488,11 @@ def regress(
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    from placetune.runners.process import interrupt_on_termination
+
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a pipe (tee, CI logs) as they happen
+    interrupt_on_termination()
     try:
         app()
     except PlacetuneError as exc:

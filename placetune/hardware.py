@@ -11,6 +11,8 @@ import hashlib
 import json
 import platform
 import socket
+import struct
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -170,6 +172,13 @@ def probe_machine(rpc: Sequence[str] = ()) -> Machine:
     )
 
 
+# ggml RPC's HELLO (ggml/src/ggml-rpc/ggml-rpc.cpp): command byte 14, a little-endian uint64 size, then
+# rpc_msg_hello_req, RPC_CONN_CAPS_SIZE = 24 bytes of transport capabilities (zeros: plain TCP) in protocol 7.
+_RPC_HELLO = struct.pack("<BQ", 14, 24) + bytes(24)
+# The answer: uint64 size, then rpc_msg_hello_rsp (major, minor, patch, padding, 24 bytes of capabilities).
+_RPC_HELLO_ANSWER = 8 + 4 + 24
+
+
 def rpc_endpoints(text: str | None, timeout_s: float = 3.0) -> list[str]:
     """Parse --rpc HOST:PORT[,HOST:PORT] and check each answers, so a dead endpoint is one line, not a hang."""
     if not text:
@@ -179,12 +188,46 @@ def rpc_endpoints(text: str | None, timeout_s: float = 3.0) -> list[str]:
         host, sep, port = endpoint.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise PlacetuneError(f"--rpc {endpoint!r}: write it as HOST:PORT, e.g. 127.0.0.1:50052")
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise PlacetuneError(
-                f"RPC server {endpoint} is unreachable ({reason}); start it there with "
-                f"`ggml-rpc-server -H {host} -p {port}` or fix --rpc"
-            ) from None
+        rpc_hello(endpoint, timeout_s)
     return endpoints
+
+
+def rpc_hello(endpoint: str, timeout_s: float = 3.0) -> None:
+    """Say ggml RPC's HELLO to HOST:PORT and wait for any answer; PlacetuneError when none comes in time.
+
+    Accepting a connection proves little: llama.cpp's RPC client then waits forever for a silent peer.
+    Any answer, or the peer closing the connection (a server of another protocol version does), counts
+    as alive: llama.cpp itself reports what it then finds wrong. A ggml-rpc-server serves one client
+    at a time, so one busy with another client is silent too. The response is read to its end before
+    closing, so the server goes back to accepting the next client.
+    """
+    host, _, port = endpoint.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise PlacetuneError(
+            f"RPC server {endpoint} is unreachable ({reason}); start it there with "
+            f"`ggml-rpc-server -H {host} -p {port}` or fix --rpc"
+        ) from None
+    answer = b""
+    with sock:
+        try:
+            sock.sendall(_RPC_HELLO)
+            while len(answer) < _RPC_HELLO_ANSWER:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        except TimeoutError:
+            if answer:
+                return
+            raise PlacetuneError(
+                f"RPC server {endpoint} accepted the connection but did not answer ggml RPC's handshake within "
+                f"{timeout_s:g} s: it is not a ggml-rpc-server, or it is busy with another client (a "
+                "ggml-rpc-server serves one at a time); stop that client or fix --rpc"
+            ) from None
+        except OSError:
+            return  # reset by the peer: it answered, if only by hanging up

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from placetune.errors import PlacetuneError
-from placetune.runners.process import kill_group
+from placetune.runners.process import kill_group, spawn
 
 _VERSION = re.compile(r"version: (\S+) \(build (\d+), commit (\S+)\)")
 _BUILT_WITH = re.compile(r"built with (.+)")
@@ -72,16 +72,18 @@ def binary_build(path: str | Path) -> dict[str, Any]:
 def _binary_build(path: str, _mtime_ns: int) -> dict[str, Any]:
     info: dict[str, Any] = {"binary": path}
     try:
-        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60, check=False)
-        devices = subprocess.run([path, "--list-devices"], capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        version = run_to_end([path, "--version"], 60)
+        devices = run_to_end([path, "--list-devices"], 60)
+    except OSError as exc:
         return {**info, "error": f"could not run {path}: {exc}"}
-    text = version.stdout + version.stderr
+    if version.timed_out or devices.timed_out:
+        return {**info, "error": f"{path} did not answer --version and --list-devices within 60 s"}
+    text = version.stdout + version.log
     if m := _VERSION.search(text):
         info.update(version=m.group(1), build_number=int(m.group(2)), commit=m.group(3))
     if m := _BUILT_WITH.search(text):
         info["built_with"] = m.group(1).strip()
-    listed = devices.stdout + devices.stderr
+    listed = devices.stdout + devices.log
     info["backends"] = ["CPU", *dict.fromkeys(b for b in _DEVICE.findall(listed) if b != "CPU")]
     return info
 
@@ -95,10 +97,10 @@ def binary_help(path: str | Path) -> str:
 @functools.lru_cache(maxsize=32)
 def _binary_help(path: str, _mtime_ns: int) -> str:
     try:
-        done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired):
+        done = run_to_end([path, "--help"], 60)
+    except OSError:
         return ""
-    return done.stdout + done.stderr
+    return "" if done.timed_out else done.stdout + done.log
 
 
 def exit_status(proc: subprocess.Popen[Any]) -> int | None:
@@ -141,12 +143,14 @@ class ChildRun:
 
 
 def run_to_end(command: Sequence[str], timeout_s: float) -> ChildRun:
-    """Run a command in its own process group; kill the whole group on timeout or on KeyboardInterrupt."""
+    """Run a command in its own process group; kill the whole group on timeout or on KeyboardInterrupt.
+
+    It dies with placetune too (process.spawn), and its output goes to anonymous files that cannot leak.
+    """
     started = time.monotonic()
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out, \
             tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err:
-        proc = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                text=True, start_new_session=True)
+        proc = spawn(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True)
         try:
             peak = reap(proc, started + timeout_s)
             timed_out = peak is None and proc.returncode is None

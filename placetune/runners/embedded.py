@@ -29,7 +29,10 @@ from placetune.placement import ExpertRule, Placement, ggml_type_id
 from placetune.runners.base import OK, Measurement, Stats, Workload, classify_failure
 from placetune.runners.embedded_child import model_key
 from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail
-from placetune.runners.process import kill_group
+from placetune.runners.process import kill_group, spawn
+
+# Listing devices takes about a second on a CPU; CUDA initialisation of several GPUs can take several.
+PROBE_TIMEOUT_S = 20.0
 
 
 def default_threads() -> int:
@@ -72,7 +75,8 @@ class EmbeddedRunner:
         started = time.perf_counter()
         try:
             result, timed_out = worker.ask(request, workload.timeout_s)
-        except BaseException:
+        except BaseException:  # Ctrl-C, SIGTERM: the child is mid-measurement and would not read a close
+            kill_group(worker.proc)
             self.close()
             raise
         wall = time.perf_counter() - started
@@ -123,10 +127,7 @@ class _Worker:
         self.command = [sys.executable, "-m", "placetune.runners.embedded_child"]
         # Lives as long as the child; stop() closes it.
         self.log_file = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file,
-            start_new_session=True,
-        )
+        self.proc = spawn(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file)
         self.pending = b""
 
     def alive(self) -> bool:
@@ -191,18 +192,30 @@ def _last_json(out: str | None) -> dict[str, Any]:
     return {}
 
 
-def probe_llama(rpc: Sequence[str] = (), timeout_s: float = 60.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The devices llama-cpp-python's llama.cpp sees (RPC servers included) and its build, from a child."""
+def probe_llama(rpc: Sequence[str] = (), timeout_s: float = PROBE_TIMEOUT_S
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The devices llama-cpp-python's llama.cpp sees (RPC servers included) and its build, from a child.
+
+    llama.cpp's RPC client waits forever for a server that accepted the connection but does not
+    answer, so the probe has its own short deadline, after which the child is killed.
+    """
     worker = _Worker(key="probe")
+    timed_out = True  # until the child answers: on a timeout or an interrupt it is killed, not asked to close
     try:
         result, timed_out = worker.ask({"probe": True, "rpc": list(rpc)}, timeout_s)
     finally:
+        if timed_out:
+            kill_group(worker.proc)
         returncode = worker.stop()
         log = worker.log()
         worker.close_log()
     if timed_out:
-        where = f" (RPC {', '.join(rpc)})" if rpc else ""
-        raise PlacetuneError(f"llama.cpp device probe did not answer in {timeout_s:.0f} s{where}")
+        where = ""
+        if rpc:
+            who = (f"server {rpc[0]}; check that it runs" if len(rpc) == 1
+                   else f"servers {', '.join(rpc)}; check that each runs")
+            where = f" while contacting RPC {who} ggml-rpc-server and serves no other client (one is served at a time)"
+        raise PlacetuneError(f"llama.cpp device probe did not answer within {timeout_s:.0f} s{where}")
     if result.get("status") != OK:
         status, reason = classify_failure(returncode, log)
         raise PlacetuneError(f"llama.cpp device probe failed ({status}): {result.get('reason') or reason}")

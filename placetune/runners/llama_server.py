@@ -17,7 +17,9 @@ about 0.1 ms per generated token in log writes: small beside a real model's tens
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import random
 import signal
 import socket
@@ -29,14 +31,14 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from placetune.errors import PlacetuneError
 from placetune.placement import Placement, render_server_command
 from placetune.runners.base import BAD_ARGS, ERROR, OK, TIMEOUT, Measurement, Stats, Workload, classify_failure
 from placetune.runners.binaries import binary_build, binary_help, exit_status, find_binary, reap
 from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail
-from placetune.runners.process import kill_group
+from placetune.runners.process import kill_group, spawn
 
 # Process flags, not placement: (flags, the --help text that shows this build has them). -lv 5 prints
 # the DEBUG `buffer type overridden` lines; plain lines (no prefix or timestamps) are what llamalog
@@ -72,7 +74,7 @@ class Server:
 
     url: str
     proc: subprocess.Popen[bytes]
-    log_path: Path
+    log_file: IO[bytes]
     ready_s: float = 0.0
     exited_by_itself: bool = False
     returncode: int | None = None
@@ -97,13 +99,12 @@ def running_server(command: Sequence[str], port: int, timeout_s: float = 600.0,
     ServerStartError when the server exits early or is not ready within timeout_s.
     """
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="placetune-server-") as tmp:
-        log_path = Path(tmp) / "llama-server.log"
-        # append mode: the child's writes never depend on where the parent reads
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=log_file,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        server = Server(url=f"http://{host}:{port}", proc=proc, log_path=log_path)
+    # An anonymous file: nothing is left behind even when placetune is killed with -9.
+    with tempfile.TemporaryFile() as log_file:
+        # Append mode: the child shares the file offset with the parent's reads, but always writes at the end.
+        fcntl.fcntl(log_file, fcntl.F_SETFL, fcntl.fcntl(log_file, fcntl.F_GETFL) | os.O_APPEND)
+        proc = spawn(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+        server = Server(url=f"http://{host}:{port}", proc=proc, log_file=log_file)
         try:
             _wait_ready(server, started + timeout_s)
             server.ready_s = time.monotonic() - started
@@ -150,7 +151,8 @@ def _stop(server: Server) -> None:
 
 
 def _read_log(server: Server) -> str:
-    return server.log_path.read_text(encoding="utf-8", errors="replace")
+    server.log_file.seek(0)
+    return server.log_file.read().decode("utf-8", errors="replace")
 
 
 def _last_line(log: str) -> str:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from placetune.errors import PlacetuneError
 from placetune.runners.binaries import find_binary
 from placetune.runners.llama_server import free_port
+from placetune.runners.process import spawn
 
 
 @contextmanager
@@ -19,10 +20,8 @@ def rpc_server(cpu: int | None = None, start_timeout_s: float = 30.0) -> Iterato
     """Start ggml-rpc-server on a free 127.0.0.1 port (optionally pinned to one CPU), yield HOST:PORT, stop it."""
     port = free_port()
     pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
-    proc = subprocess.Popen(
-        [str(find_binary("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=pin,
-    )
+    proc = spawn([str(find_binary("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)], preexec=pin,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + start_timeout_s
         while True:
