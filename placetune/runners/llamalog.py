@@ -14,6 +14,11 @@ from placetune.placement import ExpertRule, Placement
 
 _OVERRIDDEN = re.compile(r"tensor (\S+) \([^)]*\) buffer type overridden to (\S+)")
 _BUFFER_SIZE = re.compile(r"^\S+:\s+(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+) MiB", re.M)
+# At teardown llama.cpp repeats each compute buffer with 4 decimals (DEBUG level, or WARN when it grew).
+_COMPUTE_FINE = re.compile(r"^~llama_context:\s+(\S+) compute buffer size (?:is|of)\s+([\d.]+) MiB", re.M)
+_MODEL_START = "load_tensors: loading model tensors"
+_CONTEXT_START = "llama_context: constructing llama_context"
+KINDS = ("model", "KV", "compute", "output", "RS")
 
 
 def overridden_tensors(log: str) -> dict[str, str]:
@@ -22,12 +27,30 @@ def overridden_tensors(log: str) -> dict[str, str]:
 
 
 def buffer_sizes(log: str) -> dict[str, dict[str, int]]:
-    """Kind (model, KV, compute, output) -> device -> bytes, from llama.cpp's buffer size lines."""
+    """Kind (model, KV, compute, output, RS) -> device -> bytes, from llama.cpp's buffer size lines.
+
+    Every device is listed, RPC servers included (`RPC0[host:port]` -> RPC0), and one device's lines of
+    a kind are summed (an SWA model has two KV caches). A log may hold several loads and contexts
+    (llama-bench makes a context per test, a reused embedded child a model per placement): model sizes
+    come from the last load, the others from the last context. Compute sizes are 0.01 MiB figures
+    unless the context's teardown repeated them with 4 decimals.
+    """
+    model_log = log[log.rfind(_MODEL_START):] if _MODEL_START in log else log
+    model_log = model_log.split(_CONTEXT_START, 1)[0]
+    context_log = log[log.rfind(_CONTEXT_START):] if _CONTEXT_START in log else log
     out: dict[str, dict[str, int]] = {}
-    for buft, kind, mib in _BUFFER_SIZE.findall(log):
-        dev = _device_of(buft)
-        sizes = out.setdefault(kind, {})
-        sizes[dev] = sizes.get(dev, 0) + round(float(mib) * 1024 * 1024)
+    for part, kinds in ((model_log, ("model",)), (context_log, KINDS[1:])):
+        for buft, kind, mib in _BUFFER_SIZE.findall(part):
+            if kind in kinds:
+                sizes = out.setdefault(kind, {})
+                dev = _device_of(buft)
+                sizes[dev] = sizes.get(dev, 0) + round(float(mib) * 1024 * 1024)
+    fine: dict[str, int] = {}
+    for buft, mib in _COMPUTE_FINE.findall(context_log):
+        if float(mib) > 0:  # llama.cpp prints a line for every backend, also the ones that compute nothing
+            fine[_device_of(buft)] = fine.get(_device_of(buft), 0) + round(float(mib) * 1024 * 1024)
+    if fine:
+        out["compute"] = {**out.get("compute", {}), **fine}
     return out
 
 
