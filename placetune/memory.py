@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from placetune.anatomy import Anatomy, Group, ModelFacts
+from placetune.anatomy import Anatomy, ModelFacts
 from placetune.errors import PlacetuneError
-from placetune.placement import Placement, bytes_per_buffer, layer_devices
+from placetune.placement import Placement, bytes_per_buffer, layer_devices, matmul_bytes_per_layer
 from placetune.units import human_bytes, parse_size
 
 DEFAULT_UBATCH = 512
@@ -274,16 +274,7 @@ def op_offload_copies(anatomy: Anatomy, placement: Placement, devices: Sequence[
     accel = next((d for d in devices if not d.startswith("RPC")), None)
     if accel is None or placement.no_op_offload or ubatch < OP_OFFLOAD_MIN_BATCH:
         return {}
-    layer_dev = layer_devices(anatomy.facts.n_layers, placement.n_gpu_layers, devices, placement.tensor_split)
-    from placetune.placement import tensor_buffer
-
-    per_layer: dict[int, int] = {}
-    for t in anatomy.tensors:
-        if len(t.shape) < 2 or t.group in (Group.NORM,) or t.name.startswith("token_embd"):
-            continue
-        if tensor_buffer(t, placement, layer_dev) == "CPU":
-            key = -1 if t.layer is None else t.layer
-            per_layer[key] = per_layer.get(key, 0) + t.n_bytes
+    per_layer = matmul_bytes_per_layer(anatomy, placement, devices, "CPU")
     return {accel: max(per_layer.values())} if per_layer else {}
 
 

@@ -635,8 +635,11 @@ class _TensorIndex:
         self.host = [allocated_bytes(t, "CPU") for t in tensors]
         self.cuda = [allocated_bytes(t, "CUDA0") for t in tensors]
         self.expert_ids = [i for i, t in enumerate(tensors) if "_exps" in t.name]
+        # weights of matrix products (what op offload copies): 2-D and up, not the get_rows lookup tables
+        self.matmul = [len(t.shape) >= 2 and not t.name.startswith("token_embd") for t in tensors]
         self.slot_totals = {kind: self._totals(sizes) for kind, sizes in
-                            (("raw", self.raw), ("host", self.host), ("cuda", self.cuda))}
+                            (("raw", self.raw), ("host", self.host), ("cuda", self.cuda),
+                             ("matmul", [n if m else 0 for n, m in zip(self.raw, self.matmul, strict=True)]))}
         embd = next((i for i, n in enumerate(self.names) if n == "token_embd.weight"), None)
         self.tied_head = embd if embd is not None and "output.weight" not in self.names else None
         self.matches: dict[tuple[str, bool], frozenset[int]] = {}
@@ -706,3 +709,29 @@ def bytes_per_buffer(anatomy: Anatomy, placement: Placement, devices: Sequence[s
         head = layer_dev[-1]
         out[head] = out.get(head, 0) + sizes_on(head)[index.tied_head]
     return {dev: n for dev, n in out.items() if n}
+
+
+def matmul_bytes_per_layer(anatomy: Anatomy, placement: Placement, devices: Sequence[str] = (),
+                           device: str = "CPU") -> dict[int, int]:
+    """Bytes of matrix-product weights each layer keeps in `device`'s buffers (-1: the input layer, n_layers:
+    the output head), the weights op offload copies to an accelerator when they sit in RAM."""
+    index = _index(anatomy)
+    layer_dev = layer_devices(index.n_layers, placement.n_gpu_layers, devices, placement.tensor_split)
+    slot_dev = [*layer_dev, "CPU"]
+    totals = index.slot_totals["matmul"]
+    out = {slot if slot <= index.n_layers else -1: totals[slot]
+           for slot, dev in enumerate(slot_dev) if dev == device and totals[slot]}
+    taken: set[int] = set()
+    for o in placement.overrides:
+        for i in index.matching(o) - taken:
+            if not index.matmul[i]:
+                continue
+            slot = index.slots[i]
+            key = -1 if slot < 0 else slot
+            home = slot_dev[slot]
+            if home == device and o.buft != device:
+                out[key] -= index.raw[i]
+            elif home != device and o.buft == device:
+                out[key] = out.get(key, 0) + index.raw[i]
+        taken |= index.matching(o)
+    return {k: v for k, v in out.items() if v}

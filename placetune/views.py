@@ -96,7 +96,8 @@ def anatomy_table(anatomy: Anatomy, console: Console) -> None:
     totals.add_row(
         "read per token",
         human_bytes(anatomy.active_bytes),
-        f"common + experts x {f.n_expert_used}/{f.n_expert}" if f.is_moe else "every tensor (dense)",
+        f"common (one embedding row) + experts x {f.n_expert_used}/{f.n_expert}" if f.is_moe
+        else "every tensor, one embedding row",
     )
     console.print(totals)
 
