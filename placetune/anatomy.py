@@ -13,7 +13,7 @@ import os
 import re
 import struct
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,16 @@ EXPERT_INFIX = "_(ch|)exps"
 LLAMA_EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)" + EXPERT_INFIX
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+# Archs whose layers alternate sliding-window and full attention, with llama.cpp's default pattern
+# (src/models/<arch>.cpp: load_swa_pattern(ml, n_pattern, dense_first)); a GGUF's own
+# `attention.sliding_window_pattern` (an int or one bool per layer) overrides it.
+_SWA_PATTERNS: dict[str, tuple[int, bool]] = {
+    "gpt-oss": (2, False), "gemma2": (2, False), "gemma3": (6, False), "cohere2": (4, False),
+    "exaone4": (4, False), "exaone-moe": (4, False), "olmo2": (4, False), "afmoe": (4, False),
+    "plamo3": (8, False), "smallthinker": (4, True),
+}
+# Tables read one row per token (get_rows), not whole.
+LOOKUP_TABLES = ("token_embd", "per_layer_token_embd", "position_embd", "token_types")
 _EXPERT_RE = re.compile(r"\.ffn_(gate_up|gate|up|down)_(?:ch|)exps")
 _SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<idx>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -81,10 +91,26 @@ class ModelFacts:
     n_expert_shared: int
     n_leading_dense: int
     file_type: str
+    n_ff: int = 0  # dense FFN width (widest layer)
+    n_ff_exp: int = 0  # one routed expert's FFN width
+    # Per layer, as llama.cpp reads them (GGUF arrays or one value for all): what the KV cache is sized by.
+    n_head_kv_layers: tuple[int, ...] = ()
+    swa_window: int = 0  # sliding-window size in tokens; 0 when no layer uses one
+    swa_layers: tuple[bool, ...] = ()  # True where a layer attends through the sliding window
+    head_dim_k_swa: int = 0
+    head_dim_v_swa: int = 0
+    # MLA (DeepSeek-V2/V3, Kimi): the cache holds one compressed latent per token, K only.
+    kv_lora_rank: int = 0
+    head_dim_k_mla: int = 0
+    head_dim_v_mla: int = 0
 
     @property
     def is_moe(self) -> bool:
         return self.n_expert > 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.head_dim_k_mla > 0 and self.head_dim_v_mla > 0
 
 
 def classify(name: str) -> tuple[Group, str | None, bool]:
@@ -140,8 +166,23 @@ class Anatomy:
 
     @property
     def active_bytes(self) -> int:
-        """Bytes read per generated token: every non-expert tensor plus experts x used / count."""
-        return round(self.common_bytes + self.expert_bytes * self.active_fraction)
+        """Bytes read per generated token (see `reads_per_token`), rounded to whole bytes."""
+        return round(sum(n for _, n in self.reads_per_token()))
+
+    def reads_per_token(self) -> list[tuple[TensorInfo, float]]:
+        """Every tensor one generated token reads, with the bytes it reads: the one source of that figure.
+
+        Routed experts are read x used / count; lookup tables (token_embd and friends) one row per
+        token (get_rows); everything else whole. A tied output head (no output.weight) is listed a
+        second time, as `output.weight`, because llama.cpp reads token_embd in full for the logits
+        on the output layer's device.
+        """
+        out = [(t, _read_bytes(t, self.active_fraction)) for t in self.tensors]
+        names = {t.name for t in self.tensors}
+        if "output.weight" not in names and "token_embd.weight" in names:
+            embd = next(t for t in self.tensors if t.name == "token_embd.weight")
+            out.append((replace(embd, name="output.weight"), float(embd.n_bytes)))
+        return out
 
     def layer_table(self) -> list[dict[str, Any]]:
         """Per layer: bytes per group (experts split by kind) and the quant types seen."""
@@ -185,6 +226,15 @@ class Anatomy:
                 {**asdict(t), "group": str(t.group), "shape": list(t.shape)} for t in self.tensors
             ],
         }
+
+
+def _read_bytes(t: TensorInfo, active_fraction: float) -> float:
+    if t.group is Group.EXPERT:
+        return t.n_bytes * active_fraction
+    leaf = t.name.removesuffix(".weight").split(".")[-1]
+    if leaf in LOOKUP_TABLES and len(t.shape) >= 2 and t.shape[-1]:
+        return t.n_bytes / t.shape[-1]
+    return float(t.n_bytes)
 
 
 def column_of(t: TensorInfo) -> str:
@@ -343,6 +393,35 @@ def _int_field(header: _Header, key: str, default: int = 0) -> int:
     return int(value)
 
 
+def _per_layer(header: _Header, key: str, n_layers: int, default: int) -> tuple[int, ...]:
+    """A value llama.cpp reads per layer (get_key_or_arr): a GGUF array, or one value for every layer."""
+    value = _field(header, key, default)
+    if isinstance(value, list):
+        return tuple(int(v) for v in value[:n_layers]) + (default,) * (n_layers - len(value))
+    return (int(value),) * n_layers
+
+
+def _swa_layers(header: _Header, arch: str, n_layers: int) -> tuple[int, tuple[bool, ...]]:
+    """Sliding window and which layers use it, as llama.cpp's load_swa_pattern decides (llama-hparams.cpp)."""
+    window = _int_field(header, f"{arch}.attention.sliding_window")
+    if arch not in _SWA_PATTERNS or window <= 0:
+        return 0, (False,) * n_layers
+    pattern = _field(header, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        return window, tuple(bool(x) for x in pattern[:n_layers]) + (False,) * (n_layers - len(pattern))
+    n_pattern, dense_first = _SWA_PATTERNS[arch]
+    if pattern is not None:
+        n_pattern = int(pattern)
+    if dense_first:
+        return window, tuple(n_pattern == 0 or il % n_pattern != 0 for il in range(n_layers))
+    return window, tuple(n_pattern == 0 or il % n_pattern < n_pattern - 1 for il in range(n_layers))
+
+
+def _tensor_width(tensors: list[TensorInfo], leaf: str) -> int:
+    widths = [t.shape[1] for t in tensors if t.name.endswith(leaf) and len(t.shape) >= 2]
+    return max(widths, default=0)
+
+
 def _facts(reader: _Header, tensors: list[TensorInfo]) -> ModelFacts:
     arch = str(_field(reader, "general.architecture", "unknown"))
     a = arch
@@ -364,7 +443,14 @@ def _facts(reader: _Header, tensors: list[TensorInfo]) -> ModelFacts:
     if not leading and n_expert:
         moe_layers = {t.layer for t in tensors if t.group is Group.EXPERT}
         leading = next((i for i in range(n_layers) if i in moe_layers), 0)
-    types = sorted({t.ggml_type for t in tensors if t.group is Group.EXPERT or t.group is Group.ATTN})
+    weight_groups = (Group.EMBED, Group.ATTN, Group.FFN, Group.SHEXP, Group.EXPERT)
+    types = sorted({t.ggml_type for t in tensors if t.group in weight_groups and not t.is_bias and len(t.shape) >= 2})
+    head_dim_k = _int_field(reader, f"{a}.attention.key_length", default_dim)
+    head_dim_v = _int_field(reader, f"{a}.attention.value_length", default_dim)
+    swa_window, swa_layers = _swa_layers(reader, a, n_layers)
+    n_head_kv_layers = _per_layer(reader, f"{a}.attention.head_count", n_layers, 0)  # llama.cpp's default: n_head
+    if f"{a}.attention.head_count_kv" in reader.fields:
+        n_head_kv_layers = _per_layer(reader, f"{a}.attention.head_count_kv", n_layers, 0)
     return ModelFacts(
         arch=arch,
         name=str(_field(reader, "general.name", "")),
@@ -373,14 +459,24 @@ def _facts(reader: _Header, tensors: list[TensorInfo]) -> ModelFacts:
         n_embd=n_embd,
         n_head=n_head,
         n_head_kv=n_head_kv,
-        head_dim_k=_int_field(reader, f"{a}.attention.key_length", default_dim),
-        head_dim_v=_int_field(reader, f"{a}.attention.value_length", default_dim),
+        head_dim_k=head_dim_k,
+        head_dim_v=head_dim_v,
         n_vocab=n_vocab,
         n_expert=n_expert,
         n_expert_used=_int_field(reader, f"{a}.expert_used_count"),
         n_expert_shared=n_shared,
         n_leading_dense=leading,
         file_type="/".join(types) or "unknown",
+        n_ff=_int_field(reader, f"{a}.feed_forward_length") or _tensor_width(tensors, "ffn_up.weight"),
+        n_ff_exp=_int_field(reader, f"{a}.expert_feed_forward_length") or _tensor_width(tensors, "ffn_up_exps.weight"),
+        n_head_kv_layers=n_head_kv_layers,
+        swa_window=swa_window,
+        swa_layers=swa_layers,
+        head_dim_k_swa=_int_field(reader, f"{a}.attention.key_length_swa", head_dim_k),
+        head_dim_v_swa=_int_field(reader, f"{a}.attention.value_length_swa", head_dim_v),
+        kv_lora_rank=_int_field(reader, f"{a}.attention.kv_lora_rank"),
+        head_dim_k_mla=_int_field(reader, f"{a}.attention.key_length_mla"),
+        head_dim_v_mla=_int_field(reader, f"{a}.attention.value_length_mla"),
     )
 
 

@@ -6,6 +6,9 @@
 2. Search efficiency on the RPC rig: an exhaustive grid over GPU layers x expert layers in RAM x
    ubatch, then `search` over the same space; best(search)/best(grid) (target >= 0.98) and
    time(search)/time(grid) (target <= 0.2).
+3. Feasibility check speed: predict_memory + check_fit on a Qwen3-30B-A3B-shaped anatomy (48 layers,
+   128 experts, built from synth's tensor plan without writing the file) for every (-ngl, --n-cpu-moe)
+   pair, as the bandwidth-model seed walks them (target: under 1 ms per check).
 Run as `python -m placetune.benchmarks --out results/bench`.
 """
 
@@ -22,15 +25,16 @@ from typing import Any
 
 import optuna
 
-from placetune.anatomy import read_anatomy
+from placetune.anatomy import Anatomy, ModelFacts, TensorInfo, classify, read_anatomy
 from placetune.hardware import probe_machine
-from placetune.placement import parse_flags, render_flags
+from placetune.memory import check_fit, predict_memory
+from placetune.placement import ExpertRule, Placement, parse_flags, render_flags
 from placetune.runners import get_runner
 from placetune.runners.base import Measurement, Workload
 from placetune.runners.rpc import rpc_server
 from placetune.search import Search, SearchConfig, objective_value
 from placetune.space import Dimension, SearchSpace, to_placement
-from placetune.synth import tiny_spec, write_model
+from placetune.synth import SynthSpec, plan_tensors, preset_spec, tiny_spec, write_model
 
 RUNNER_FLAGS = "-t 2 -ub 128 --no-repack"  # --no-repack: AMX repack crashes llama.cpp on some CPUs/VMs
 RUNNER_WORKLOAD = Workload(n_prompt=128, n_gen=32, repetitions=5, warmups=2, timeout_s=300)
@@ -129,7 +133,49 @@ def bench_search_efficiency(model: Path, rpc: str, n_trials: int) -> dict[str, A
     }
 
 
-def _markdown(runners: dict[str, Any], efficiency: dict[str, Any]) -> str:
+def planned_anatomy(spec: SynthSpec) -> Anatomy:
+    """The Anatomy a synthesized model would have, from its tensor plan: a full-size shape without its bytes."""
+    tensors = []
+    for t in plan_tensors(spec):
+        group, kind, is_bias = classify(t.name)
+        layer = int(t.name.split(".")[1]) if t.name.startswith("blk.") else None
+        tensors.append(TensorInfo(t.name, layer, group, kind, is_bias, t.qtype.name, t.shape, t.nbytes))
+    facts = ModelFacts(
+        arch=spec.arch, name=spec.name, n_layers=spec.n_layers, n_ctx_train=spec.n_ctx_train, n_embd=spec.n_embd,
+        n_head=spec.n_head, n_head_kv=spec.n_head_kv, head_dim_k=spec.head_dim, head_dim_v=spec.head_dim,
+        n_vocab=spec.n_vocab, n_expert=spec.n_expert, n_expert_used=spec.n_expert_used,
+        n_expert_shared=spec.n_expert_shared, n_leading_dense=spec.n_leading_dense, file_type=spec.quant.upper(),
+        n_ff=spec.n_ff, n_ff_exp=spec.n_ff_exp, n_head_kv_layers=(spec.n_head_kv,) * spec.n_layers,
+    )
+    return Anatomy([f"(planned) {spec.name}"], facts, tensors, sum(t.n_bytes for t in tensors))
+
+
+def bench_feasibility(n_ctx: int = 32768) -> dict[str, Any]:
+    """Time one feasibility check per (-ngl, --n-cpu-moe) pair on a 48-layer, 128-expert anatomy."""
+    anatomy = planned_anatomy(preset_spec("qwen3-30b-a3b"))
+    n = anatomy.facts.n_layers
+    capacity = {"CUDA0": 16 * 2**30, "CPU": 128 * 2**30}
+    placements = [Placement(n_gpu_layers=ngl, ubatch=512, flash_attn="on",
+                            overrides=(ExpertRule(layers=tuple(range(k))),) if k else ())
+                  for ngl in range(n + 2) for k in range(n + 1)]
+    started = time.perf_counter()
+    check_fit(predict_memory(anatomy, placements[-1], ["CUDA0"], n_ctx), capacity)  # first call builds the index
+    first_ms = (time.perf_counter() - started) * 1e3
+    times = []
+    fits = 0
+    for placement in placements:
+        t0 = time.perf_counter()
+        fits += check_fit(predict_memory(anatomy, placement, ["CUDA0"], n_ctx), capacity).fits
+        times.append(time.perf_counter() - t0)
+    return {
+        "anatomy": "qwen3-30b-a3b preset, 48 layers x 128 experts, planned (no file)", "n_ctx": n_ctx,
+        "checks": len(placements), "fit": fits, "first_check_ms": first_ms,
+        "median_ms": statistics.median(times) * 1e3, "max_ms": max(times) * 1e3, "total_s": sum(times),
+        "target": "median < 1 ms",
+    }
+
+
+def _markdown(runners: dict[str, Any], efficiency: dict[str, Any], feasibility: dict[str, Any]) -> str:
     e, b = runners["runners"]["embedded"], runners["runners"]["llama-bench"]
     lines = [
         "# placetune benchmarks (measured)", "",
@@ -145,7 +191,12 @@ def _markdown(runners: dict[str, Any], efficiency: dict[str, Any]) -> str:
               f"grid: {efficiency['grid_points']} placements in {efficiency['grid_s']:.1f} s; "
               f"search: {efficiency['search_trials']} trials in {efficiency['search_s']:.1f} s", "",
               f"best(search)/best(grid) = {efficiency['quality_ratio']:.3f} (target >= 0.98)", "",
-              f"time(search)/time(grid) = {efficiency['time_ratio']:.3f} (target <= 0.20)", ""]
+              f"time(search)/time(grid) = {efficiency['time_ratio']:.3f} (target <= 0.20)", "",
+              "## Feasibility check (predict_memory + check_fit)", "",
+              f"{feasibility['anatomy']}, n_ctx {feasibility['n_ctx']}: {feasibility['checks']} checks (every -ngl x "
+              f"--n-cpu-moe pair) in {feasibility['total_s']:.2f} s; median {feasibility['median_ms']:.3f} ms, "
+              f"max {feasibility['max_ms']:.3f} ms, first (builds the per-anatomy index) "
+              f"{feasibility['first_check_ms']:.1f} ms (target: median < 1 ms)", ""]
     return "\n".join(lines)
 
 
@@ -156,6 +207,9 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     args.out.mkdir(parents=True, exist_ok=True)
+    print("feasibility check: 48-layer, 128-expert anatomy ...", flush=True)
+    feasibility = bench_feasibility()
+    print(f"  median {feasibility['median_ms']:.3f} ms per check over {feasibility['checks']} placements", flush=True)
     model = write_model(tiny_spec("qwen3moe", n_layers=8, n_embd=256, n_expert=16, n_expert_used=4),
                         args.out / "bench-moe.gguf")
     print("runner agreement: embedded vs llama-bench ...", flush=True)
@@ -167,8 +221,9 @@ def main() -> None:
         efficiency = bench_search_efficiency(model, endpoint, args.search_trials)
     print(f"  best(search)/best(grid) {efficiency['quality_ratio']:.3f}, "
           f"time(search)/time(grid) {efficiency['time_ratio']:.3f}", flush=True)
-    (args.out / "bench.json").write_text(json.dumps({"runners": runners, "search_efficiency": efficiency}, indent=2))
-    (args.out / "bench.md").write_text(_markdown(runners, efficiency))
+    (args.out / "bench.json").write_text(json.dumps({"runners": runners, "search_efficiency": efficiency,
+                                                     "feasibility": feasibility}, indent=2))
+    (args.out / "bench.md").write_text(_markdown(runners, efficiency, feasibility))
     print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
 
 

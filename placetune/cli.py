@@ -120,6 +120,7 @@ def bench(
     Example: placetune bench model.gguf -- -ngl 99 --n-cpu-moe 20 -fa on -ub 2048
     """
     from placetune.anatomy import read_anatomy
+    from placetune.memory import predict_memory
     from placetune.placement import parse_flags
     from placetune.results import load_placement
     from placetune.runners import get_runner
@@ -147,7 +148,10 @@ def bench(
     else:
         measurement_table(m, workload, console)
         devices = [f"RPC{i}" for i in range(len(_rpc_list(rpc)))] if rpc else []
-        placement_table(anatomy, placement, devices, m.device_memory, console)
+        # the context each runner gives llama.cpp: llama-bench sizes one per test, the largest being pp's
+        n_ctx = depth + prompt_tokens if runner == "llama-bench" else max(placement.ctx or 0, depth + prompt_tokens + gen_tokens)
+        need = predict_memory(anatomy, placement, devices, n_ctx)
+        placement_table(anatomy, placement, devices, m.reported, console, need)
     if not m.ok:
         raise typer.Exit(1)
 

@@ -5,10 +5,11 @@ Generating one token reads every active weight once from the device that holds i
     seconds per token ≈ Σ over devices (active bytes on that device / that device's bandwidth)
 
 Active bytes: every non-expert tensor, plus routed expert bytes × experts used / expert count.
-One refinement over the anatomy's `active_bytes`: embedding tables (token_embd and friends) are
-read one row per token by get_rows, not whole; a model with a tied output head reads token_embd in
-full once more, on the output layer's device. Without it a model fully on the GPU would appear to
-spend most of each token reading a 300 MB embedding table from RAM.
+The bytes come from one function, `Anatomy.reads_per_token` (also `inspect`'s "read per token"):
+embedding tables (token_embd and friends) are read one row per token by get_rows, not whole, and a
+model with a tied output head reads token_embd in full once more, on the output layer's device.
+Without that a model fully on the GPU would appear to spend most of each token reading a 300 MB
+embedding table from RAM.
 
 The figure is a ceiling: KV-cache reads at depth, kernel launches and RPC round trips are not in
 it. Measured tg is typically 50-70% of it on CPUs and less for small-active MoE models on a GPU,
@@ -24,14 +25,14 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 from rich.table import Table
 
-from placetune.anatomy import Anatomy, Group, TensorInfo
+from placetune.anatomy import Anatomy, Group
 from placetune.errors import PlacetuneError
 from placetune.hardware import Gpu, Machine
 from placetune.placement import Placement, layer_devices, tensor_buffer
@@ -41,7 +42,6 @@ LABEL = "PREDICTED"
 RAM_PROBE_MIB = 256
 RAM_PROBE_PASSES = 5  # best of several: other jobs on the machine only ever make a pass slower
 RAM_PROBE_SOURCE = f"measured: {RAM_PROBE_MIB} MiB numpy read, all cores, best of {RAM_PROBE_PASSES}"
-_LOOKUP_TABLES = ("token_embd", "per_layer_token_embd", "position_embd", "token_types")
 
 T = TypeVar("T")
 
@@ -105,32 +105,15 @@ def device_of(buft: str) -> str:
     return name
 
 
-def _read_per_token(t: TensorInfo, anatomy: Anatomy) -> float:
-    if t.group is Group.EXPERT:
-        return t.n_bytes * anatomy.active_fraction
-    leaf = t.name.removesuffix(".weight").split(".")[-1]
-    if leaf in _LOOKUP_TABLES and len(t.shape) >= 2 and t.shape[-1]:
-        return t.n_bytes / t.shape[-1]
-    return float(t.n_bytes)
-
-
 def read_bytes_by_device(anatomy: Anatomy, placement: Placement,
                          devices: Sequence[str] = ()) -> dict[str, tuple[float, float]]:
-    """Device -> (bytes read per token, of which routed experts), by the same tensor accounting as memory."""
+    """Device -> (bytes read per token, of which routed experts): anatomy.reads_per_token, placed by device."""
     layer_dev = layer_devices(anatomy.facts.n_layers, placement.n_gpu_layers, devices, placement.tensor_split)
     out: dict[str, tuple[float, float]] = {}
-
-    def add(device: str, n: float, expert: bool) -> None:
+    for t, n in anatomy.reads_per_token():
+        device = device_of(tensor_buffer(t, placement, layer_dev))
         total, experts = out.get(device, (0.0, 0.0))
-        out[device] = (total + n, experts + (n if expert else 0.0))
-
-    for t in anatomy.tensors:
-        add(device_of(tensor_buffer(t, placement, layer_dev)), _read_per_token(t, anatomy), t.group is Group.EXPERT)
-    names = {t.name for t in anatomy.tensors}
-    if "output.weight" not in names and "token_embd.weight" in names:
-        embd = next(t for t in anatomy.tensors if t.name == "token_embd.weight")
-        head = replace(embd, name="output.weight")  # llama.cpp duplicates a tied head onto the output device
-        add(device_of(tensor_buffer(head, placement, layer_dev)), float(embd.n_bytes), False)
+        out[device] = (total + n, experts + (n if t.group is Group.EXPERT else 0.0))
     return out
 
 

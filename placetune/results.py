@@ -101,6 +101,7 @@ class BestRecord(BaseModel):
     rows: list[dict[str, Any]] = Field(default_factory=list)
     front: list[dict[str, Any]] = Field(default_factory=list)
     predicted: dict[str, Any] | None = None
+    memory: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
 
 

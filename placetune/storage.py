@@ -22,6 +22,7 @@ from placetune.errors import PlacetuneError
 
 CONNECT_TIMEOUT_S = 5  # an unreachable database fails the command instead of hanging it
 DEFAULT_STORAGE = "sqlite:///results/placetune.db"
+MEMORY_STORAGE = "memory"  # a study kept in this process only (benchmarks), never a URL a user gives
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
 
 

@@ -37,7 +37,10 @@ from placetune.errors import PlacetuneError
 
 Q = GGMLQuantizationType
 
-ARCHES = ("llama", "qwen3moe", "glm4moe", "gpt-oss")
+ARCHES = ("llama", "qwen3moe", "glm4moe", "gpt-oss", "deepseek2")
+_SHARED_EXPERT_ARCHES = ("glm4moe", "deepseek2")
+# llama.cpp reads DeepSeek-V2 files of these depths as the "lite" variant, which has no q_lora_rank
+_DEEPSEEK2_LITE_LAYERS = (26, 27)
 
 # quant name -> (type of big matrices, type of expert matrices, general.file_type)
 QUANTS: dict[str, tuple[Q, Q, LlamaFileType]] = {
@@ -78,6 +81,11 @@ class SynthSpec:
     quant: str = "q8_0"
     seed: int = 0
     name: str = "placetune-synth"
+    # MLA (deepseek2): head_dim is the decompressed K head (nope + rope); the cache holds kv_lora_rank + rope_dim
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0  # 0: one attn_q projection, as DeepSeek-V2-Lite
+    rope_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -130,8 +138,10 @@ def tiny_spec(arch: str, n_layers: int = 4, quant: str = "q8_0", seed: int = 0, 
     )
     if arch != "llama":
         base |= dict(n_expert=8, n_expert_used=2, n_ff_exp=64)
-    if arch == "glm4moe":
+    if arch in _SHARED_EXPERT_ARCHES:
         base |= dict(n_expert_shared=1, n_ff_shexp=64, n_leading_dense=1)
+    if arch == "deepseek2":  # DeepSeek-V2-Lite's layout, shrunk; a q_lora_rank since only 26-27 layers load without
+        base |= dict(n_head_kv=1, head_dim=64, kv_lora_rank=64, q_lora_rank=64, rope_dim=32, v_head_dim=32)
     return SynthSpec(**(base | overrides))
 
 
@@ -168,17 +178,27 @@ def _validate(s: SynthSpec) -> None:
             bad(f"n_expert_used must be between 1 and n_expert ({s.n_expert}), got {s.n_expert_used}")
         if s.n_ff_exp <= 0:
             bad(f"{s.arch} needs n_ff_exp (the per-expert FFN size) > 0")
-    if s.arch == "glm4moe":
+    if s.arch in _SHARED_EXPERT_ARCHES:
         if s.n_expert_shared < 1:
-            bad("glm4moe always runs a shared expert: set n_expert_shared >= 1")
+            bad(f"{s.arch} always runs a shared expert: set n_expert_shared >= 1")
         if s.n_ff_shexp != s.n_ff_exp * s.n_expert_shared:
-            bad(f"llama.cpp sizes glm4moe's shared expert as n_ff_exp * n_expert_shared: "
+            bad(f"llama.cpp sizes {s.arch}'s shared expert as n_ff_exp * n_expert_shared: "
                 f"set n_ff_shexp to {s.n_ff_exp * s.n_expert_shared}, not {s.n_ff_shexp}")
         if s.n_leading_dense >= s.n_layers:
             bad(f"n_leading_dense ({s.n_leading_dense}) must be below n_layers ({s.n_layers}) "
                 "so that at least one layer is MoE")
     elif s.n_expert_shared or s.n_ff_shexp or s.n_leading_dense:
         bad(f"{s.arch} has no shared experts or leading dense layers in llama.cpp; use glm4moe for those")
+    if s.arch == "deepseek2":
+        if s.n_head_kv != 1:
+            bad("deepseek2 stores MLA as one KV head (the compressed latent): set n_head_kv to 1")
+        if not (s.kv_lora_rank > 0 and 0 < s.rope_dim < s.head_dim and s.v_head_dim > 0):
+            bad("deepseek2 needs kv_lora_rank > 0, v_head_dim > 0 and 0 < rope_dim < head_dim (head_dim = nope + rope)")
+        if s.q_lora_rank == 0 and s.n_layers not in _DEEPSEEK2_LITE_LAYERS:
+            bad(f"llama.cpp reads a deepseek2 file without q_lora_rank only at {_DEEPSEEK2_LITE_LAYERS} layers "
+                f"(the Lite variant); set q_lora_rank > 0 for {s.n_layers} layers")
+    elif s.kv_lora_rank or s.q_lora_rank or s.rope_dim or s.v_head_dim:
+        bad(f"{s.arch} has no MLA attention; kv_lora_rank, q_lora_rank, rope_dim and v_head_dim are for deepseek2")
     for t in _spec_tensors(s):
         block = GGML_QUANT_SIZES[t.qtype][0]
         if t.shape[0] % block:
@@ -189,6 +209,22 @@ def _validate(s: SynthSpec) -> None:
 def plan_tensors(spec: SynthSpec | LikeFile) -> list[TensorPlan]:
     """Every tensor the file will hold, in file order; sizes come from here without writing anything."""
     return list(spec.tensors) if isinstance(spec, LikeFile) else _spec_tensors(spec)
+
+
+def _add_mla_attention(s: SynthSpec, add: Callable[[str, tuple[int, ...], Q], None], big: Q) -> None:
+    """DeepSeek-V2 attention as llama.cpp loads it (src/models/deepseek2.cpp), wkv_b already split into k_b/v_b."""
+    e, nope = s.n_embd, s.head_dim - s.rope_dim
+    if s.q_lora_rank:
+        add("attn_q_a_norm.weight", (s.q_lora_rank,), Q.F32)
+        add("attn_q_a.weight", (e, s.q_lora_rank), big)
+        add("attn_q_b.weight", (s.q_lora_rank, s.n_head * s.head_dim), big)
+    else:
+        add("attn_q.weight", (e, s.n_head * s.head_dim), big)
+    add("attn_kv_a_norm.weight", (s.kv_lora_rank,), Q.F32)
+    add("attn_kv_a_mqa.weight", (e, s.kv_lora_rank + s.rope_dim), big)
+    add("attn_k_b.weight", (nope, s.kv_lora_rank, s.n_head), big)
+    add("attn_v_b.weight", (s.kv_lora_rank, s.v_head_dim, s.n_head), big)
+    add("attn_output.weight", (s.n_head * s.v_head_dim, e), big)
 
 
 def _spec_tensors(s: SynthSpec) -> list[TensorPlan]:
@@ -203,11 +239,14 @@ def _spec_tensors(s: SynthSpec) -> list[TensorPlan]:
             out.append(TensorPlan(f"blk.{i}.{name}", shape, qtype))
 
         add("attn_norm.weight", (e,), f32)
-        for proj, width in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
-            add(f"{proj}.weight", (e, width), big)
-            if biased:
-                add(f"{proj}.bias", (width,), f32)
-        add("attn_output.weight", (q, e), big)
+        if s.arch == "deepseek2":
+            _add_mla_attention(s, add, big)
+        else:
+            for proj, width in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
+                add(f"{proj}.weight", (e, width), big)
+                if biased:
+                    add(f"{proj}.bias", (width,), f32)
+            add("attn_output.weight", (q, e), big)
         if s.arch == "qwen3moe":
             add("attn_q_norm.weight", (s.head_dim,), f32)
             add("attn_k_norm.weight", (s.head_dim,), f32)
@@ -224,7 +263,7 @@ def _spec_tensors(s: SynthSpec) -> list[TensorPlan]:
         add("ffn_gate_inp.weight", (e, x), f32)
         if s.arch == "gpt-oss":
             add("ffn_gate_inp.bias", (x,), f32)
-        if s.arch == "glm4moe":
+        if s.arch in _SHARED_EXPERT_ARCHES:
             add("exp_probs_b.bias", (x,), f32)
         add("ffn_gate_exps.weight", (e, ff, x), experts)
         add("ffn_down_exps.weight", (ff, e, x), experts)
@@ -262,6 +301,13 @@ PRESETS: dict[str, SynthSpec] = {
         n_leading_dense=1, n_vocab=151552, n_ctx_train=131072, quant="q4_0",
         name="placetune-synth-glm-4.5-air",
     ),
+    # deepseek-ai/DeepSeek-V2-Lite config.json: MLA (kv_lora_rank 512, qk_rope 64, qk_nope 128, v_head 128)
+    "deepseek-v2-lite": SynthSpec(
+        arch="deepseek2", n_layers=27, n_embd=2048, n_head=16, n_head_kv=1, head_dim=192, n_ff=10944,
+        n_expert=64, n_expert_used=6, n_ff_exp=1408, n_expert_shared=2, n_ff_shexp=2816, n_leading_dense=1,
+        n_vocab=102400, n_ctx_train=163840, quant="q4_0", kv_lora_rank=512, rope_dim=64, v_head_dim=128,
+        name="placetune-synth-deepseek-v2-lite",
+    ),
 }
 
 
@@ -285,24 +331,33 @@ def _add_spec_kv(w: GGUFWriter, s: SynthSpec) -> None:
     w.add_feed_forward_length(s.n_ff)
     w.add_head_count(s.n_head)
     w.add_head_count_kv(s.n_head_kv)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
+    if s.arch == "deepseek2":  # MLA as MQA: one KV head holding the latent and the rope part
+        w.add_key_length(s.kv_lora_rank + s.rope_dim)
+        w.add_value_length(s.kv_lora_rank)
+        w.add_key_length_mla(s.head_dim)
+        w.add_value_length_mla(s.v_head_dim)
+        w.add_kv_lora_rank(s.kv_lora_rank)
+        if s.q_lora_rank:
+            w.add_q_lora_rank(s.q_lora_rank)
+    else:
+        w.add_key_length(s.head_dim)
+        w.add_value_length(s.head_dim)
     w.add_vocab_size(s.n_vocab)
     w.add_layer_norm_rms_eps(1e-6 if s.arch == "qwen3moe" else 1e-5)
-    w.add_rope_freq_base({"llama": 500000.0, "gpt-oss": 150000.0}.get(s.arch, 1000000.0))
-    # GLM rotates only half of each head (partial_rotary_factor 0.5)
-    w.add_rope_dimension_count(s.head_dim // 2 if s.arch == "glm4moe" else s.head_dim)
+    w.add_rope_freq_base({"llama": 500000.0, "gpt-oss": 150000.0, "deepseek2": 10000.0}.get(s.arch, 1000000.0))
+    # GLM rotates only half of each head (partial_rotary_factor 0.5); DeepSeek only the rope part
+    w.add_rope_dimension_count(s.rope_dim or (s.head_dim // 2 if s.arch == "glm4moe" else s.head_dim))
     if s.arch == "llama":
         return
     w.add_expert_count(s.n_expert)
     w.add_expert_used_count(s.n_expert_used)
     w.add_expert_feed_forward_length(s.n_ff_exp)
-    if s.arch == "glm4moe":
+    if s.arch in _SHARED_EXPERT_ARCHES:
         w.add_expert_shared_count(s.n_expert_shared)
         w.add_leading_dense_block_count(s.n_leading_dense)
         w.add_expert_weights_scale(1.0)
         w.add_expert_weights_norm(True)
-        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if s.arch == "glm4moe" else ExpertGatingFuncType.SOFTMAX)
     if s.arch == "gpt-oss":
         w.add_sliding_window(128)
         w.add_rope_scaling_type(RopeScalingType.YARN)

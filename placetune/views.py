@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import shlex
 import statistics
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from placetune.units import UNITS, human_bytes
 
 if TYPE_CHECKING:
     from placetune.hardware import Machine
+    from placetune.memory import DeviceNeed
     from placetune.results import BestRecord
     from placetune.search import Contender, Search
 
@@ -99,7 +100,8 @@ def anatomy_table(anatomy: Anatomy, console: Console) -> None:
     totals.add_row(
         "read per token",
         human_bytes(anatomy.active_bytes),
-        f"common + experts x {f.n_expert_used}/{f.n_expert}" if f.is_moe else "every tensor (dense)",
+        f"common (one embedding row) + experts x {f.n_expert_used}/{f.n_expert}" if f.is_moe
+        else "every tensor, one embedding row",
     )
     console.print(totals)
 
@@ -136,27 +138,34 @@ def measurement_table(m: Measurement, workload: Workload, console: Console) -> N
                       "all where the placement asked", highlight=False)
 
 
-def placement_table(anatomy: Anatomy, placement: Placement, devices: list[str], reported: dict[str, int],
-                    console: Console) -> None:
-    """Where each tensor group lands (predicted from the anatomy) next to llama.cpp's own buffer sizes."""
+def placement_table(anatomy: Anatomy, placement: Placement, devices: list[str], reported: dict[str, dict[str, int]],
+                    console: Console, need: Mapping[str, DeviceNeed] | None = None) -> None:
+    """Where each tensor group lands (from the GGUF), then predicted and llama.cpp-reported bytes per device."""
     layer_dev = layer_devices(anatomy.facts.n_layers, placement.n_gpu_layers, devices, placement.tensor_split)
     grid: dict[str, dict[str, int]] = {}
     for t in anatomy.tensors:
         buft = tensor_buffer(t, placement, layer_dev)
         row = grid.setdefault(column_of(t), {})
         row[buft] = row.get(buft, 0) + t.n_bytes
-    bufts = sorted({b for row in grid.values() for b in row} | set(reported), key=lambda b: (b != "CPU", b))
-    table = Table(title="where tensors landed (weights, predicted from the GGUF)")
+    seen = {b for row in grid.values() for b in row} | {d for sizes in reported.values() for d in sizes}
+    bufts = sorted(seen | set(need or {}), key=lambda b: (b != "CPU", b))
+    table = Table(title="where tensors landed, and memory per device: PREDICTED next to llama.cpp's reported")
     table.add_column("group")
     for b in bufts:
         table.add_column(b, justify="right")
     for group in _column_order(set(grid)):
         table.add_row(group, *(human_bytes(grid[group][b]) if b in grid[group] else "" for b in bufts))
-    totals = {b: sum(row.get(b, 0) for row in grid.values()) for b in bufts}
-    table.add_row("[bold]predicted total[/]", *(human_bytes(totals[b]) for b in bufts))
-    if reported:
-        cells = (human_bytes(reported[b]) if b in reported else "-" for b in bufts)
-        table.add_row("[bold]llama.cpp reported[/]", *cells)
+    rows = [("weights", "weights", "model"), ("KV cache", "kv", "KV"), ("compute", "compute", "compute"),
+            ("output", "output", "output")]
+    for label, attr, kind in rows:
+        if need is not None:
+            table.add_row(f"[bold]{label} PREDICTED[/]",
+                          *(human_bytes(getattr(need[b], attr)) if b in need else "-" for b in bufts),
+                          end_section=not reported.get(kind))
+        if reported.get(kind):
+            table.add_row(f"[bold]{label} reported[/]",
+                          *(human_bytes(reported[kind][b]) if b in reported[kind] else "-" for b in bufts),
+                          end_section=True)
     console.print(table)
 
 

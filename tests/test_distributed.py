@@ -186,7 +186,8 @@ def test_sigkilled_worker_trial_is_failed_by_heartbeat_and_retried(tiny_moe: Pat
     assert {t.number: t.values for t in trials if t.number in done} == done  # nothing finished was lost
     dead = trials[killed]
     assert dead.state.name == "FAIL"
-    assert "reason" not in dead.user_attrs, dead.user_attrs.get("reason")  # failed by the heartbeat check, not by the same-host pid check
+    # failed by the heartbeat check, not by the same-host pid check
+    assert "reason" not in dead.user_attrs, dead.user_attrs.get("reason")
     retries = [t for t in trials if t.system_attrs.get("retry_history") == [killed]]
     assert len(retries) == 1 and retries[0].params == dead.params
     assert retries[0].user_attrs["pid"] == survivor.pid and retries[0].state.name in ("COMPLETE", "PRUNED")

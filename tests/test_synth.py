@@ -164,9 +164,19 @@ def test_presets() -> None:
     assert preset_spec("qwen3-30b-a3b", n_layers=2).n_layers == 2
     with pytest.raises(PlacetuneError, match="n_layers must be between 1 and 512"):
         preset_spec("qwen3-30b-a3b", n_layers=0)
-    assert set(PRESETS) == {"qwen3-30b-a3b", "gpt-oss-20b", "glm-4.5-air"}
-    with pytest.raises(PlacetuneError, match=r"known presets: glm-4\.5-air, gpt-oss-20b, qwen3-30b-a3b"):
+    assert {"qwen3-30b-a3b", "gpt-oss-20b", "glm-4.5-air", "deepseek-v2-lite"} <= set(PRESETS)
+    with pytest.raises(PlacetuneError, match=r"known presets: deepseek-v2-lite, glm-4\.5-air, gpt-oss-20b"):
         preset_spec("llama-405b")
+
+
+def test_deepseek_v2_lite_preset_is_mla_shaped() -> None:
+    plan = {t.name: t for t in plan_tensors(preset_spec("deepseek-v2-lite"))}
+    assert plan["blk.1.attn_kv_a_mqa.weight"].shape == (2048, 512 + 64)  # the cached latent plus the rope part
+    assert plan["blk.1.attn_k_b.weight"].shape == (128, 512, 16)
+    assert "blk.1.attn_q_a.weight" not in plan  # Lite has no q_lora_rank
+    assert 8e9 < sum(t.nbytes for t in plan.values()) < 10e9  # ~15.7B parameters at 4.5 bits
+    with pytest.raises(PlacetuneError, match="q_lora_rank"):
+        preset_spec("deepseek-v2-lite", n_layers=4)
 
 
 def test_two_layer_preset_writes_fast(tmp_path: Path) -> None:

@@ -109,6 +109,8 @@ class Measurement:
     load_s: float | None = None
     peak_rss_bytes: int | None = None
     device_memory: dict[str, int] = field(default_factory=dict)  # buffer type -> model bytes llama.cpp reported
+    # What llama.cpp reported per kind (model, KV, compute, output) and device, from its own log lines
+    reported: dict[str, dict[str, int]] = field(default_factory=dict)
     tensor_buffers: dict[str, str] = field(default_factory=dict)  # tensor -> buffer type llama.cpp reported
     placement_issues: list[str] = field(default_factory=list)
     build: dict[str, Any] = field(default_factory=dict)

@@ -83,7 +83,8 @@ class EmbeddedRunner:
         log = worker.log()
         m = Measurement(runner=self.name, status="error", command=worker.command, wall_s=wall,
                         log_tail=log_tail(log))
-        m.device_memory = buffer_sizes(log).get("model", {})
+        m.reported = buffer_sizes(log)
+        m.device_memory = m.reported.get("model", {})
         if result.get("status") == OK:
             m.status = OK
             m.pp = Stats(tuple(result["pp"]), workload.n_prompt)

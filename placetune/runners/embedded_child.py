@@ -214,6 +214,7 @@ class Worker:
             if placement.get(key) is not None:
                 setattr(cparams, field, request["ggml_types"][key])
         cparams.op_offload = not placement.get("no_op_offload", False)
+        cparams.swa_full = False  # as llama-server and llama-bench; the C API's default (true) sizes SWA caches in full
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:

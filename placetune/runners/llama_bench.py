@@ -49,7 +49,8 @@ class LlamaBenchRunner:
         m = Measurement(runner=self.name, status=ERROR, command=command, wall_s=run.wall_s,
                         log_tail=log_tail(run.log), peak_rss_bytes=run.peak_rss_bytes)
         m.build = binary_build(command[0])
-        m.device_memory = buffer_sizes(run.log).get("model", {})
+        m.reported = buffer_sizes(run.log, peak=True)  # one context per test: the pp test's is the largest
+        m.device_memory = m.reported.get("model", {})
         tests = _jsonl(run.stdout)
         # llama-bench prints argument errors to stdout, and drops a bad -ot without failing when more
         # flags follow it, so an `error:` line there fails the measurement whatever the exit status.

@@ -231,7 +231,8 @@ class LlamaServerRunner:
         except ServerStartError as exc:
             m.wall_s = time.monotonic() - started
             m.log_tail = log_tail(exc.log)
-            m.device_memory = buffer_sizes(exc.log).get("model", {})
+            m.reported = buffer_sizes(exc.log)
+            m.device_memory = m.reported.get("model", {})
             m.status, m.reason = classify_failure(exc.returncode, exc.log, exc.timed_out)
             if m.status == TIMEOUT:
                 m.reason = "llama-server was not ready before the timeout and was stopped"
@@ -239,7 +240,8 @@ class LlamaServerRunner:
         m.wall_s = time.monotonic() - started
         m.log_tail = log_tail(server.log)
         m.peak_rss_bytes = server.peak_rss_bytes
-        m.device_memory = buffer_sizes(server.log).get("model", {})
+        m.reported = buffer_sizes(server.log)
+        m.device_memory = m.reported.get("model", {})
         rc = server.returncode
         crashed = rc is not None and rc < 0 and rc not in (-signal.SIGTERM, -signal.SIGKILL)
         if m.status == ERROR and (server.exited_by_itself or crashed):

@@ -14,6 +14,11 @@ from placetune.placement import ExpertRule, Placement
 
 _OVERRIDDEN = re.compile(r"tensor (\S+) \([^)]*\) buffer type overridden to (\S+)")
 _BUFFER_SIZE = re.compile(r"^\S+:\s+(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+) MiB", re.M)
+# At teardown llama.cpp repeats each compute buffer with 4 decimals (DEBUG level, or WARN when it grew).
+_COMPUTE_FINE = re.compile(r"^~llama_context:\s+(\S+) compute buffer size (?:is|of)\s+([\d.]+) MiB", re.M)
+_MODEL_START = "load_tensors: loading model tensors"
+_CONTEXT_START = "llama_context: constructing llama_context"
+KINDS = ("model", "KV", "compute", "output", "RS")
 
 
 def overridden_tensors(log: str) -> dict[str, str]:
@@ -21,13 +26,43 @@ def overridden_tensors(log: str) -> dict[str, str]:
     return {m.group(1): _device_of(m.group(2)) for m in _OVERRIDDEN.finditer(log)}
 
 
-def buffer_sizes(log: str) -> dict[str, dict[str, int]]:
-    """Kind (model, KV, compute, output) -> device -> bytes, from llama.cpp's buffer size lines."""
+def buffer_sizes(log: str, peak: bool = False) -> dict[str, dict[str, int]]:
+    """Kind (model, KV, compute, output, RS) -> device -> bytes, from llama.cpp's buffer size lines.
+
+    Every device is listed, RPC servers included (`RPC0[host:port]` -> RPC0), and one device's lines of
+    a kind are summed (an SWA model has two KV caches). A log may hold several loads and contexts: model
+    sizes come from the last load, the others from the last context (a reused embedded child logs
+    earlier placements too) or, with peak=True, the largest context per device (llama-bench makes one
+    context per test, sized for that test alone). Compute sizes are 0.01 MiB figures unless the
+    context's teardown repeated them with 4 decimals.
+    """
+    model_log = log[log.rfind(_MODEL_START):] if _MODEL_START in log else log
+    model_log = model_log.split(_CONTEXT_START, 1)[0]
     out: dict[str, dict[str, int]] = {}
-    for buft, kind, mib in _BUFFER_SIZE.findall(log):
-        dev = _device_of(buft)
-        sizes = out.setdefault(kind, {})
-        sizes[dev] = sizes.get(dev, 0) + round(float(mib) * 1024 * 1024)
+    for buft, kind, mib in _BUFFER_SIZE.findall(model_log):
+        if kind == "model":
+            sizes = out.setdefault(kind, {})
+            sizes[_device_of(buft)] = sizes.get(_device_of(buft), 0) + round(float(mib) * 1024 * 1024)
+    contexts = log.split(_CONTEXT_START)[1:] or [log]
+    for context in contexts if peak else contexts[-1:]:
+        for kind, sizes in _context_sizes(context).items():
+            for dev, size in sizes.items():
+                out.setdefault(kind, {})[dev] = max(out.get(kind, {}).get(dev, 0), size)
+    return out
+
+
+def _context_sizes(context_log: str) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for buft, kind, mib in _BUFFER_SIZE.findall(context_log):
+        if kind != "model":
+            sizes = out.setdefault(kind, {})
+            sizes[_device_of(buft)] = sizes.get(_device_of(buft), 0) + round(float(mib) * 1024 * 1024)
+    fine: dict[str, int] = {}
+    for buft, mib in _COMPUTE_FINE.findall(context_log):
+        if float(mib) > 0:  # llama.cpp prints a line for every backend, also the ones that compute nothing
+            fine[_device_of(buft)] = fine.get(_device_of(buft), 0) + round(float(mib) * 1024 * 1024)
+    if fine:
+        out["compute"] = {**out.get("compute", {}), **fine}
     return out
 
 

@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from placetune.compare import clearly_worse
 from placetune.errors import PlacetuneError
-from placetune.memory import FitVerdict, check_fit, predict_memory
+from placetune.memory import DeviceNeed, FitVerdict, MarginFeedback, check_fit, predict_memory
 from placetune.placement import Placement, render_flags, render_server_command
 from placetune.results import BestRecord
 from placetune.runners.base import Measurement, Runner, Stats
@@ -41,6 +41,7 @@ from placetune.search.study import open_storage, open_study
 from placetune.search.workers import Workers, counted, retried_numbers
 from placetune.space import facts_for, to_placement
 from placetune.storage import mask_url
+from placetune.units import human_bytes
 
 SCREEN_MARGIN = 0.10  # a screened trial must be this much slower than the best (or 3x its spread) to be cut
 POLL_S = 1.0  # how often a worker looks again at trials other workers are running
@@ -66,6 +67,11 @@ class Search:
         self.workers = Workers(self.study, self.storage, config.machine.fingerprint(), config.grace,
                                config.heartbeat_s)
         self.notes += self.workers.register(config.allow_colocated)
+        self.margins = MarginFeedback(base=config.margin)
+        self._learn_from_ooms()
+        if self.margins.widened:
+            self.notes.append("margins widened by earlier out-of-memory trials: " + ", ".join(
+                f"{d} {human_bytes(m)}" for d, m in self.margins.widened.items()))
 
     def _note(self, text: str) -> None:
         if self.config.on_note:
@@ -74,9 +80,23 @@ class Search:
     # -- feasibility and bandwidths ----------------------------------------------------------
 
     def feasibility(self, placement: Placement) -> FitVerdict:
+        """The memory model's verdict, with the margins out-of-memory trials have widened.
+
+        llama-server with an explicit -np keeps one cache stream per slot (not unified); so do the runners.
+        """
         c = self.config
-        need = predict_memory(c.anatomy, placement, c.devices, c.n_ctx)
-        return check_fit(need, c.capacity(), c.margin, budgeted=set(c.budgets))
+        need = predict_memory(c.anatomy, placement, c.devices, placement.ctx or c.n_ctx,
+                              n_seq=placement.parallel or 1, kv_unified=False)
+        margins = {d: self.margins.margin(d) for d in c.devices}
+        return check_fit(need, c.capacity(), margins, budgeted=set(c.budgets))
+
+    def _learn_from_ooms(self) -> None:
+        """Replay the study's out-of-memory trials (this worker's or others', before a resume) into the margins."""
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+            need = t.user_attrs.get("oom_prediction")
+            if need and "duplicate_of" not in t.user_attrs:
+                self.margins.record_oom({d: DeviceNeed(**{k: v for k, v in n.items() if k != "total"})
+                                         for d, n in need.items()}, self.config.capacity())
 
     @functools.cached_property
     def bandwidths(self) -> dict[str, Any]:
@@ -165,6 +185,7 @@ class Search:
         if not m.ok:
             if m.status == "oom":
                 trial.set_user_attr("oom_prediction", verdict.to_dict()["need"])
+                self._note(self.margins.record_oom(verdict.need, c.capacity()) + " (for the rest of this study)")
             # Pruned, not failed: TPE ignores FAIL trials but learns from pruned ones, so regions that
             # crash or run out of memory are steered away from.
             trial.set_user_attr("reason", f"{m.status}: {m.reason}")
@@ -420,5 +441,7 @@ def best_record(search: Search, decision: Decision) -> BestRecord:
         front=front,
         predicted=prediction_record(c.anatomy, winner.placement, c.devices, search.bandwidths,
                                     measured_tg=m.tg.median or None),
+        memory={"predicted": search.feasibility(winner.placement).to_dict()["need"], "reported": m.reported,
+                "margins": search.margins.to_dict()},
         notes=[decision.message] + ([decision.noise_warning] if decision.noise_warning else []),
     )

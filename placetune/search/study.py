@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import DuplicatedStudyError
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage, InMemoryStorage
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from placetune.errors import PlacetuneError
@@ -23,7 +23,7 @@ from placetune.records import one_line_error
 from placetune.search.config import SearchConfig
 from placetune.search.objective import directions
 from placetune.search.workers import retry_trial
-from placetune.storage import open_rdb
+from placetune.storage import MEMORY_STORAGE, open_rdb
 
 INFO_KEY = "placetune"
 INFO_WAIT_S = 10.0  # how long a joining worker waits for the creator to describe the study
@@ -78,15 +78,20 @@ def _min_pp_constraint(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
     return trial.user_attrs.get("constraint") or [0.0]
 
 
-def open_storage(c: SearchConfig) -> RDBStorage:
-    """The study storage with trial heartbeats: a trial whose worker stopped beating is failed and retried."""
+def open_storage(c: SearchConfig) -> BaseStorage:
+    """The study storage with trial heartbeats: a trial whose worker stopped beating is failed and retried.
+
+    "memory" keeps the study in this process only (the twin benchmark: thousands of short searches).
+    """
+    if c.storage == MEMORY_STORAGE:
+        return InMemoryStorage()
     # multivariate/group TPE, heartbeats and fail_stale_trials are all marked experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return open_rdb(c.storage, heartbeat_interval=c.heartbeat_s, grace_period=c.grace,
                     heartbeat_stale_trial_callback=retry_trial)
 
 
-def open_study(c: SearchConfig, storage: RDBStorage, worker_tag: str) -> tuple[optuna.Study, list[str]]:
+def open_study(c: SearchConfig, storage: BaseStorage, worker_tag: str) -> tuple[optuna.Study, list[str]]:
     """Create or join the study, describe it if new, and check this run against its description.
 
     Returns the study and notes to print (mixed hardware allowed on purpose).

@@ -25,7 +25,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -92,7 +92,7 @@ def pid_alive(pid: int) -> bool:
 class Workers:
     """The study's worker registry, this worker's heartbeat, and the lock around trial creation."""
 
-    def __init__(self, study: optuna.Study, storage: RDBStorage, fingerprint: str, grace_s: int,
+    def __init__(self, study: optuna.Study, storage: BaseStorage, fingerprint: str, grace_s: int,
                  heartbeat_s: int) -> None:
         self.study, self.storage = study, storage
         self.study_id = storage.get_study_id_from_name(study.study_name)
@@ -186,10 +186,11 @@ class Workers:
         enqueueing the same seeds would queue them twice. On SQLite (one machine) a second worker is
         refused unless --allow-colocated-workers is given.
         """
-        if self.storage.engine.dialect.name != "postgresql":
+        engine = getattr(self.storage, "engine", None)
+        if engine is None or engine.dialect.name != "postgresql":
             yield
             return
-        self._lock = self.storage.engine.connect()
+        self._lock = engine.connect()
         try:
             self._lock.execute(text("SELECT pg_advisory_xact_lock(:lock, :study)"),
                                {"lock": LOCK_CLASS, "study": self.study_id})
