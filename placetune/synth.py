@@ -262,6 +262,18 @@ PRESETS: dict[str, SynthSpec] = {
         n_leading_dense=1, n_vocab=151552, n_ctx_train=131072, quant="q4_0",
         name="placetune-synth-glm-4.5-air",
     ),
+    # openai/gpt-oss-120b config.json (36 layers, 128 experts of which 4 are used)
+    "gpt-oss-120b": SynthSpec(
+        arch="gpt-oss", n_layers=36, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64, n_ff=2880,
+        n_expert=128, n_expert_used=4, n_ff_exp=2880, n_vocab=201088, n_ctx_train=131072,
+        quant="mxfp4", name="placetune-synth-gpt-oss-120b",
+    ),
+    # Qwen/Qwen3-235B-A22B config.json (94 layers, 128 experts of which 8 are used)
+    "qwen3-235b-a22b": SynthSpec(
+        arch="qwen3moe", n_layers=94, n_embd=4096, n_head=64, n_head_kv=4, head_dim=128, n_ff=12288,
+        n_expert=128, n_expert_used=8, n_ff_exp=1536, n_vocab=151936, n_ctx_train=40960,
+        quant="q4_0", name="placetune-synth-qwen3-235b-a22b",
+    ),
 }
 
 
