@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from dataclasses import replace
@@ -213,3 +214,21 @@ def test_a_short_search_on_the_twin_completes() -> None:
     optimum, _ = evaluate(shape, scenario.machine, scenario.workload, scenario.n_ctx, scenario.hidden_error).optimum()
     winner = judge(scenario, Placement.from_dict(run.winner)).latency(scenario.workload)
     assert optimum <= winner < math.inf
+
+
+def test_bench_writes_its_table_json_and_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from placetune.twin import bench
+
+    args = ["--out", str(tmp_path), "--scenarios", "qwen3-30b-16gb", "--seeds", "2", "--trials", "6", "--jobs", "1"]
+    monkeypatch.setattr("sys.argv", ["bench", *args])
+    bench.main()
+    table = (tmp_path / "twin.md").read_text()
+    assert "SIMULATED" in table and "| qwen3-30b-16gb |" in table and "seed0-gpu-pp" in table
+    data = json.loads((tmp_path / "twin.json").read_text())
+    runs = data["scenarios"][0]["runs"]
+    assert len(runs) == 2 and all(0 < r["quality"] <= 1 and len(r["curve"]) == 6 for r in runs)
+    assert (tmp_path / "twin.png").stat().st_size > 10_000
+    monkeypatch.setattr("sys.argv", ["bench", *args, "--seeds", "1", "--compare", str(tmp_path / "twin.json")])
+    bench.main()
+    assert "qwen3-30b-16gb: median" in capsys.readouterr().out

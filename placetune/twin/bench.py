@@ -76,6 +76,7 @@ def score_run(scenario: Scenario, run: SearchRun, optimum_s: float, n_trials: in
         "trials_to_target": None if reached is None else reached + 1,
         "hours_to_target": None if reached is None else clock[reached] / 3600,
         "search_hours": run.clock_s / 3600,
+        "load_share": run.load_s / run.clock_s if run.clock_s else 0.0,
         "curve": curve,
         "clock_s": clock,
         "pruned_predicted": sum(r.startswith("predicted not to fit") for r in reasons),
@@ -128,6 +129,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         "trials_to_target_median": statistics.median(reached) if reached else None,
         "hours_to_target_median": statistics.median(hours) if hours else None,
         "search_hours_median": statistics.median(r["search_hours"] for r in runs),
+        "load_share_median": statistics.median(r["load_share"] for r in runs),
         "versus": versus,
     }
 
@@ -144,7 +146,7 @@ def markdown(results: list[dict[str, Any]], calibration: list[Any], meta: dict[s
         f"optimum: exhaustive over reference space {REFERENCE_SPACE}. Quality = true speed of the search's "
         f"named winner / true optimum; 'vs X' = winner speed / X's speed (median, worst).", "",
         "| scenario | optimum s | quality median | worst | seeds ≥ 0.98 | trials to 0.98 | sim. h to 0.98 "
-        "| sim. h per search | vs --cpu-moe | vs best --n-cpu-moe | vs --fit |",
+        "| sim. h per search (loading) | vs --cpu-moe | vs best --n-cpu-moe | vs --fit |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -154,7 +156,7 @@ def markdown(results: list[dict[str, Any]], calibration: list[Any], meta: dict[s
             f"| {r['scenario']} | {r['optimum']['latency_s']:.2f} | {s['quality_median']:.3f} | "
             f"{s['quality_worst']:.3f} | {s['seeds_reaching_target']}/{len(r['runs'])} | "
             f"{_fmt(s['trials_to_target_median'], '.0f')} | {_fmt(s['hours_to_target_median'], '.1f')} | "
-            f"{s['search_hours_median']:.1f} | "
+            f"{s['search_hours_median']:.1f} ({s['load_share_median']:.0%}) | "
             + " | ".join(f"{x['median']:.2f} ({x['worst']:.2f})" for x in v) + " |")
     lines += ["", "## Scenarios", "",
               "| scenario | machine | model | request | optimum (flags) | points ≥ 0.98 of it (at its -t) "
@@ -254,9 +256,10 @@ def main() -> None:
     args = parser.parse_args()
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
-    if unknown or args.seeds < 1 or args.trials < 1:
-        raise SystemExit(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}" if unknown
-                         else "--seeds and --trials must be at least 1")
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    if args.seeds < 1 or args.trials < 1:
+        parser.error("--seeds and --trials must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     calibration = calibrate()
     print(f"calibration ({LABEL} against published):")

@@ -39,7 +39,7 @@ from placetune.twin.shape import model_shape
 
 RAM_PROBE_SHARE = 0.75  # what placetune's RAM probe reads of a machine's theoretical bandwidth
 
-_FEASIBILITY: dict[tuple[str, int, Placement], FitVerdict] = {}
+_FEASIBILITY: dict[tuple[Scenario, int, Placement], FitVerdict] = {}
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class SearchRun:
     trials: list[TrialRecord]
     winner: dict[str, Any] | None  # the named winner's placement (Placement.to_dict), None if none
     clock_s: float  # simulated seconds: every load, measurement and the final re-measure
+    load_s: float  # of which loading models
     notes: list[str]
 
 
@@ -113,7 +114,7 @@ class _TwinSearch(Search):
         """One worker per study: no trial budget to share."""
 
     def feasibility(self, placement: Placement) -> FitVerdict:
-        key = (self.scenario.name, self.config.n_ctx, placement)
+        key = (self.scenario, self.config.n_ctx, placement)
         if key not in _FEASIBILITY:
             _FEASIBILITY[key] = super().feasibility(placement)
         return _FEASIBILITY[key]
@@ -145,4 +146,4 @@ def run_search(scenario: Scenario, seed: int, n_trials: int) -> SearchRun:
     search.run()
     finals = search.final_measure()
     winner = finals[0][0].user_attrs["placement"] if finals else None
-    return SearchRun(records, winner, runner.clock_s, notes)
+    return SearchRun(records, winner, runner.clock_s, sum(e.load_s for e in runner.events), notes)

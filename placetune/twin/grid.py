@@ -145,8 +145,7 @@ def evaluate(shape: ModelShape, machine: TwinMachine, workload: Workload, n_ctx:
 
     knobs = Knobs(ubatch=np.minimum(np.array(UBATCHES, dtype=float), max(workload.n_prompt, 1))[:, None, None, None],
                   flash_attn=np.array(FLASH)[None, :, None, None], pinned=np.array(PINNED)[None, None, :, None],
-                  op_offload=np.array(OP_OFFLOAD)[None, None, None, :], threads=0,
-                  kv_row=kv_row_bytes(shape, Placement()))
+                  op_offload=np.array(OP_OFFLOAD)[None, None, None, :], kv_row=kv_row_bytes(shape, Placement()))
     threads = best_threads(machine.cores)
     scale = float(thread_scale(threads, machine.cores))
     compute_a, compute_v = _compute_buffers(shape, n_ctx)  # (ub, fa) each, as placetune predicts them

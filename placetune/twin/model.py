@@ -69,13 +69,12 @@ class Features:
 
 @dataclass(frozen=True)
 class Knobs:
-    """The runtime knobs of a placement, resolved to what llama.cpp would use."""
+    """The runtime knobs of a placement, resolved to what llama.cpp would use (threads: see thread_scale)."""
 
     ubatch: Any  # effective: min(-ub, -b, prompt length)
     flash_attn: Any  # bool; "auto" is on for CUDA
     pinned: Any  # bool: --no-mmap
     op_offload: Any  # bool
-    threads: Any
     kv_row: float  # KV bytes per token per attention layer
 
 
@@ -146,10 +145,11 @@ def token_times(f: Features, k: Knobs, w: Workload, shape: ModelShape, m: TwinMa
     attn_cpu = attention * (f.cpu_full * d_pp + f.cpu_windowed * min(d_pp, window))
     ub = np.maximum(np.asarray(k.ubatch, dtype=float), 1.0)
     offload = np.asarray(k.op_offload, dtype=bool) & (ub >= OP_OFFLOAD_MIN_BATCH)
-    flops = m.gpu_tflops * 1e12 * m.compute_eff
+    matmul_rate = m.gpu_tflops * 1e12 * m.compute_eff
+    attention_rate = m.gpu_tflops * 1e12 * m.attention_eff
     pcie = m.pcie_gbs * GB * np.where(k.pinned, m.pcie_pinned_eff, m.pcie_pageable_eff)
     gpu_params = f.gpu_params + np.where(offload, f.cpu_params, 0.0)
-    compute = 2.0 * gpu_params / (flops * matmul_efficiency(ub)) + attn_gpu / (m.gpu_tflops * 1e12 * m.attention_eff)
+    compute = 2.0 * gpu_params / (matmul_rate * matmul_efficiency(ub)) + attn_gpu / attention_rate
     used = used_expert_fraction(ub, facts.n_expert_used, facts.n_expert)
     copied = f.stream_experts * used + f.stream_common
     stream = np.where(offload, copied / pcie / ub, 0.0)
@@ -178,12 +178,11 @@ def _bytes_per_element(type_name: str) -> float:
     return size / block
 
 
-def knobs_of(shape: ModelShape, placement: Placement, workload: Workload, cores: int) -> Knobs:
-    """llama.cpp's effective knobs: -ub is capped by -b and by the prompt; -t defaults to the physical cores."""
+def knobs_of(shape: ModelShape, placement: Placement, workload: Workload) -> Knobs:
+    """llama.cpp's effective knobs: -ub is capped by -b and by the prompt."""
     ub = min(placement.ubatch or DEFAULT_UBATCH, placement.batch or DEFAULT_BATCH, max(workload.n_prompt, 1))
     return Knobs(ubatch=ub, flash_attn=placement.flash_attn != "off", pinned=placement.load_mode == "none",
-                 op_offload=not placement.no_op_offload, threads=placement.threads or cores,
-                 kv_row=kv_row_bytes(shape, placement))
+                 op_offload=not placement.no_op_offload, kv_row=kv_row_bytes(shape, placement))
 
 
 @functools.lru_cache(maxsize=8192)
@@ -250,9 +249,9 @@ class Speeds:
 def speeds(shape: ModelShape, placement: Placement, workload: Workload, machine: TwinMachine,
            state: str = "ok") -> Speeds:
     """pp and tg of one placement that loaded (state ok or spill), without noise."""
-    k = knobs_of(shape, placement, workload, machine.cores)
-    times = token_times(placement_features(shape, placement), k, workload, shape, machine)
-    scale = thread_scale(k.threads, machine.cores)
+    times = token_times(placement_features(shape, placement), knobs_of(shape, placement, workload), workload, shape,
+                        machine)
+    scale = thread_scale(placement.threads or machine.cores, machine.cores)  # -t defaults to the physical cores
     pp_s, tg_s = float(times.pp_seconds(scale)), float(times.tg_seconds(scale))
     if state == SPILL:
         pp_s, tg_s = pp_s * SPILL_PP, tg_s * SPILL_TG

@@ -28,7 +28,7 @@ from placetune.twin.truth import judge
 from placetune.units import human_bytes
 
 LABEL = "SIMULATED"
-PROCESS_S = 0.5  # starting and stopping the measuring process
+PROCESS_S = 0.5  # starting and stopping the measuring process (once per load)
 CONTEXT_S = 0.3  # re-creating a context on a model that stays loaded
 WARMUP_GEN = 16  # the embedded runner's warm-up generates at most 16 tokens
 OUTLIER_SLOWDOWN = (0.55, 0.85)
@@ -95,7 +95,8 @@ class TwinRunner:
         m.pp = Stats(tuple(pp), workload.n_prompt)
         m.tg = Stats(tuple(tg), workload.n_gen)
         m.measure_s = timed
-        return self._finish(m, placement, (load_s if reload else CONTEXT_S) + timed + untimed + PROCESS_S)
+        started = load_s + PROCESS_S if reload else CONTEXT_S  # a kept model only needs a new context
+        return self._finish(m, placement, started + timed + untimed)
 
     def close(self) -> None:
         self._loaded = None
