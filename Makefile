@@ -40,6 +40,7 @@ demo: install
 
 bench: install
 	$(PY) -m placetune.benchmarks --out results/bench
+	$(PY) -m placetune.twin.bench --out results/bench
 
 # Regression run on generated models (the suite is regress/nightly.toml): JUnit and markdown land in
 # $(NIGHTLY_DIR). Exit 1 on a regression, 2 when a case cannot run; schedule it from cron or CI.

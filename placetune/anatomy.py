@@ -493,7 +493,17 @@ def read_anatomy(path: str | os.PathLike[str]) -> Anatomy:
     """Read a (possibly sharded) GGUF model's anatomy without loading its weights."""
     first = Path(path)
     paths = shard_paths(first) if first.exists() else [first]
-    readers = [_open(p) for p in paths]
+    return _anatomy(paths, [_open(p) for p in paths], sum(p.stat().st_size for p in paths))
+
+
+def read_header_anatomy(path: str | os.PathLike[str], file_bytes: int) -> Anatomy:
+    """The anatomy of a header written without its tensor data (synth.planned_anatomy): the same reader and
+    facts as a real file, for a model that is never written."""
+    p = Path(path)
+    return _anatomy([p], [_read_header(p)], file_bytes)
+
+
+def _anatomy(paths: list[Path], readers: list[_Header], file_bytes: int) -> Anatomy:
     tensors: list[TensorInfo] = []
     for reader in readers:
         for t in reader.tensors:
@@ -512,11 +522,11 @@ def read_anatomy(path: str | os.PathLike[str]) -> Anatomy:
                 )
             )
     if not tensors:
-        raise PlacetuneError(f"{first} holds no tensors; is it a vocab-only GGUF?")
+        raise PlacetuneError(f"{paths[0]} holds no tensors; is it a vocab-only GGUF?")
     return Anatomy(
         paths=[str(p) for p in paths],
         facts=_facts(readers[0], tensors),
         tensors=tensors,
-        file_bytes=sum(p.stat().st_size for p in paths),
+        file_bytes=file_bytes,
         header_hash=_header_hash(paths, readers),
     )

@@ -25,7 +25,7 @@ from typing import Any
 
 import optuna
 
-from placetune.anatomy import Anatomy, ModelFacts, TensorInfo, classify, read_anatomy
+from placetune.anatomy import read_anatomy
 from placetune.hardware import probe_machine
 from placetune.memory import check_fit, predict_memory
 from placetune.placement import ExpertRule, Placement, parse_flags, render_flags
@@ -34,7 +34,7 @@ from placetune.runners.base import Measurement, Workload
 from placetune.runners.rpc import rpc_server
 from placetune.search import Search, SearchConfig, objective_value
 from placetune.space import Dimension, SearchSpace, to_placement
-from placetune.synth import SynthSpec, plan_tensors, preset_spec, tiny_spec, write_model
+from placetune.synth import planned_anatomy, preset_spec, tiny_spec, write_model
 
 RUNNER_FLAGS = "-t 2 -ub 128 --no-repack"  # --no-repack: AMX repack crashes llama.cpp on some CPUs/VMs
 RUNNER_WORKLOAD = Workload(n_prompt=128, n_gen=32, repetitions=5, warmups=2, timeout_s=300)
@@ -131,23 +131,6 @@ def bench_search_efficiency(model: Path, rpc: str, n_trials: int) -> dict[str, A
         "quality_ratio": ratio, "time_ratio": search_s / grid_s,
         "targets": {"quality_ratio": ">= 0.98", "time_ratio": "<= 0.20"},
     }
-
-
-def planned_anatomy(spec: SynthSpec) -> Anatomy:
-    """The Anatomy a synthesized model would have, from its tensor plan: a full-size shape without its bytes."""
-    tensors = []
-    for t in plan_tensors(spec):
-        group, kind, is_bias = classify(t.name)
-        layer = int(t.name.split(".")[1]) if t.name.startswith("blk.") else None
-        tensors.append(TensorInfo(t.name, layer, group, kind, is_bias, t.qtype.name, t.shape, t.nbytes))
-    facts = ModelFacts(
-        arch=spec.arch, name=spec.name, n_layers=spec.n_layers, n_ctx_train=spec.n_ctx_train, n_embd=spec.n_embd,
-        n_head=spec.n_head, n_head_kv=spec.n_head_kv, head_dim_k=spec.head_dim, head_dim_v=spec.head_dim,
-        n_vocab=spec.n_vocab, n_expert=spec.n_expert, n_expert_used=spec.n_expert_used,
-        n_expert_shared=spec.n_expert_shared, n_leading_dense=spec.n_leading_dense, file_type=spec.quant.upper(),
-        n_ff=spec.n_ff, n_ff_exp=spec.n_ff_exp, n_head_kv_layers=(spec.n_head_kv,) * spec.n_layers,
-    )
-    return Anatomy([f"(planned) {spec.name}"], facts, tensors, sum(t.n_bytes for t in tensors))
 
 
 def bench_feasibility(n_ctx: int = 32768) -> dict[str, Any]:

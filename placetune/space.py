@@ -103,6 +103,8 @@ class SearchSpace:
 
     def pin(self, name: str, raw: str) -> None:
         """`--set name=value`: fix a parameter (it need not be in the file)."""
+        if name == "ctx":
+            raise PlacetuneError("--set ctx: the serving context is its own option now; pass --ctx N (and --slots)")
         if name not in PARAMS:
             raise PlacetuneError(f"--set {name}: unknown parameter; known: {', '.join(PARAMS)}")
         self.pinned[name] = _check_value(name, _coerce(raw), f"--set {name}")

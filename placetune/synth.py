@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import string
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from gguf import (
 )
 from gguf.quants import quantize
 
+from placetune.anatomy import Anatomy, read_header_anatomy
 from placetune.errors import PlacetuneError
 
 Q = GGMLQuantizationType
@@ -308,6 +310,18 @@ PRESETS: dict[str, SynthSpec] = {
         n_vocab=102400, n_ctx_train=163840, quant="q4_0", kv_lora_rank=512, rope_dim=64, v_head_dim=128,
         name="placetune-synth-deepseek-v2-lite",
     ),
+    # openai/gpt-oss-120b config.json (36 layers, 128 experts of which 4 are used)
+    "gpt-oss-120b": SynthSpec(
+        arch="gpt-oss", n_layers=36, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64, n_ff=2880,
+        n_expert=128, n_expert_used=4, n_ff_exp=2880, n_vocab=201088, n_ctx_train=131072,
+        quant="mxfp4", name="placetune-synth-gpt-oss-120b",
+    ),
+    # Qwen/Qwen3-235B-A22B config.json (94 layers, 128 experts of which 8 are used)
+    "qwen3-235b-a22b": SynthSpec(
+        arch="qwen3moe", n_layers=94, n_embd=4096, n_head=64, n_head_kv=4, head_dim=128, n_ff=12288,
+        n_expert=128, n_expert_used=8, n_ff_exp=1536, n_vocab=151936, n_ctx_train=40960,
+        quant="q4_0", name="placetune-synth-qwen3-235b-a22b",
+    ),
 }
 
 
@@ -475,15 +489,7 @@ def write_model(
     plan = plan_tensors(spec)
     total = sum(t.nbytes for t in plan)
     part = out.with_name(out.name + ".part")
-    writer = GGUFWriter(part, spec.arch)
-    if isinstance(spec, LikeFile):
-        for key, value, vtype, sub_type in spec.kv:
-            writer.add_key_value(key, value, vtype, sub_type)
-    else:
-        _add_spec_kv(writer, spec)
-    _add_tokenizer(writer, spec.n_vocab)
-    for t in plan:
-        writer.add_tensor_info(t.name, t.shape[::-1], np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    writer = _header_writer(part, spec, plan)
     rng = np.random.default_rng(spec.seed)
     pools = _pools(plan, rng)
     done = 0
@@ -520,6 +526,39 @@ def write_model(
         writer.close()
         part.unlink(missing_ok=True)
     return out
+
+
+def _header_writer(path: Path, spec: SynthSpec | LikeFile, plan: list[TensorPlan]) -> GGUFWriter:
+    """A GGUFWriter holding the model's metadata and tensor table (nothing written yet)."""
+    writer = GGUFWriter(path, spec.arch)
+    if isinstance(spec, LikeFile):
+        for key, value, vtype, sub_type in spec.kv:
+            writer.add_key_value(key, value, vtype, sub_type)
+    else:
+        _add_spec_kv(writer, spec)
+    _add_tokenizer(writer, spec.n_vocab)
+    for t in plan:
+        writer.add_tensor_info(t.name, t.shape[::-1], np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    return writer
+
+
+def planned_anatomy(spec: SynthSpec | LikeFile, plan: list[TensorPlan] | None = None) -> Anatomy:
+    """The Anatomy `write_model(spec)` would produce, read by placetune's own header reader from a header
+    written without tensor data: full-size shapes (a 235B clone) in milliseconds, facts exactly as a file's.
+
+    plan: the tensors, when a caller re-types some (default: plan_tensors(spec)).
+    """
+    plan = plan if plan is not None else plan_tensors(spec)
+    with tempfile.TemporaryDirectory(prefix="placetune-plan-") as tmp:
+        path = Path(tmp) / "header.gguf"
+        writer = _header_writer(path, spec, plan)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        finally:
+            writer.close()
+        return read_header_anatomy(path, sum(t.nbytes for t in plan))
 
 
 def _pools(plan: list[TensorPlan], rng: np.random.Generator) -> dict[tuple[Q, float], np.ndarray]:

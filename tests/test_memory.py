@@ -32,7 +32,7 @@ from placetune.runners.embedded import EmbeddedRunner
 
 MiB = 2**20
 PRINTED = 0.005 * MiB + 1  # llama.cpp prints MiB with 2 decimals: each line is within half a unit
-CREATE_ONLY = Workload(n_prompt=1, n_gen=0, repetitions=0, warmups=0, timeout_s=120)
+CREATE_ONLY = Workload(n_prompt=1, n_gen=0, repetitions=1, warmups=0, timeout_s=120)
 BASE = "-lm none --no-repack"
 # (flags, on the RPC device?): contexts that pad differently, K/V types (quantized V needs -fa on), ubatches
 CASES = [

@@ -229,8 +229,10 @@ def test_default_space_follows_model_and_hardware(tiny_moe: Path, tiny_dense: Pa
     assert resolve_space(None, read_anatomy(tiny_dense), True).name == "dense"
     assert resolve_space(None, read_anatomy(tiny_moe), False).name == "cpu"
     space = resolve_space("moe", read_anatomy(tiny_moe), True)
-    space.pin("ctx", "32768")
-    assert space.pinned == {"ctx": 32768} and "ctx" not in space.dimension_names()
+    space.pin("ubatch", "512")
+    assert space.pinned == {"ubatch": 512} and "ubatch" not in space.dimension_names()
+    with pytest.raises(PlacetuneError, match="--ctx N"):
+        space.pin("ctx", "32768")
     with pytest.raises(PlacetuneError, match="unknown parameter"):
         space.pin("warp", "9")
 

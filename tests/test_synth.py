@@ -164,8 +164,9 @@ def test_presets() -> None:
     assert preset_spec("qwen3-30b-a3b", n_layers=2).n_layers == 2
     with pytest.raises(PlacetuneError, match="n_layers must be between 1 and 512"):
         preset_spec("qwen3-30b-a3b", n_layers=0)
-    assert {"qwen3-30b-a3b", "gpt-oss-20b", "glm-4.5-air", "deepseek-v2-lite"} <= set(PRESETS)
-    with pytest.raises(PlacetuneError, match=r"known presets: deepseek-v2-lite, glm-4\.5-air, gpt-oss-20b"):
+    assert set(PRESETS) == {"qwen3-30b-a3b", "gpt-oss-20b", "glm-4.5-air", "gpt-oss-120b", "qwen3-235b-a22b",
+                            "deepseek-v2-lite"}
+    with pytest.raises(PlacetuneError, match=r"known presets: deepseek-v2-lite, glm-4\.5-air, gpt-oss-120b"):
         preset_spec("llama-405b")
 
 
@@ -177,6 +178,16 @@ def test_deepseek_v2_lite_preset_is_mla_shaped() -> None:
     assert 8e9 < sum(t.nbytes for t in plan.values()) < 10e9  # ~15.7B parameters at 4.5 bits
     with pytest.raises(PlacetuneError, match="q_lora_rank"):
         preset_spec("deepseek-v2-lite", n_layers=4)
+
+
+@pytest.mark.parametrize(("name", "low", "high", "n_layers", "n_expert"), [
+    ("gpt-oss-120b", 62e9, 65e9, 36, 128),  # the published MXFP4 files are about 63 GB
+    ("qwen3-235b-a22b", 130e9, 135e9, 94, 128),  # the published Q4_0 files are about 133 GB
+])
+def test_large_presets(name: str, low: float, high: float, n_layers: int, n_expert: int) -> None:
+    spec = preset_spec(name)
+    assert low < sum(t.nbytes for t in plan_tensors(spec)) < high
+    assert (spec.n_layers, spec.n_expert) == (n_layers, n_expert)
 
 
 def test_two_layer_preset_writes_fast(tmp_path: Path) -> None:

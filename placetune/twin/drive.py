@@ -1,0 +1,120 @@
+"""The one adapter between the twin and placetune's search: run the current search on a scenario.
+
+The search takes the twin's machine directly: a synthetic `Machine` (one CUDA0 device with the
+card's free memory, no device or RAM probe), the twin's bandwidths for the roofline seed, and the
+twin's --fit answer for the llama-fit-params seed (no binary runs). Everything that knows how the
+search is built lives here: the rest of the twin never imports placetune.search.
+
+The study lives in Optuna's in-memory storage: one worker, nothing to resume, and SQLite's per-attribute
+commits would otherwise take most of a simulated trial's time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from placetune.fit import FitAnswer
+from placetune.hardware import LlamaDevice, Machine
+from placetune.placement import render_flags
+from placetune.predict import Bandwidth
+from placetune.search import Search, serving_for
+from placetune.search.config import SearchConfig
+from placetune.search.seeds.by_hand import ByHand
+from placetune.search.seeds.fit import LlamaFitParams
+from placetune.search.seeds.roofline import Roofline
+from placetune.space import resolve_space, to_placement
+from placetune.storage import MEMORY_STORAGE
+from placetune.twin.baselines import fit_params
+from placetune.twin.capacity import GPU
+from placetune.twin.runner import LABEL, TwinRunner
+from placetune.twin.scenarios import Scenario
+from placetune.twin.shape import model_shape
+
+RAM_PROBE_SHARE = 0.75  # what placetune's RAM probe reads of a machine's theoretical bandwidth
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One finished trial as the search saw it, with the twin's clock after it."""
+
+    number: int
+    state: str  # COMPLETE or PRUNED (Optuna's words)
+    value: float | None  # the measured objective (latency s) of a complete, measured trial
+    duplicate: bool  # answered from an earlier trial of the same placement
+    placement: dict[str, Any] | None
+    reason: str
+    clock_s: float
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    """What one search did and named: every trial in order, the winner, and the simulated time spent."""
+
+    trials: list[TrialRecord]
+    winner: dict[str, Any] | None  # the named winner's placement (Placement.to_dict), None if none
+    clock_s: float  # simulated seconds: every load, measurement and the final re-measure
+    load_s: float  # of which loading models
+    notes: list[str]
+
+
+def twin_machine(scenario: Scenario) -> Machine:
+    """The scenario's machine as placetune's hardware record, without probing anything."""
+    m = scenario.machine
+    return Machine(
+        hostname="twin", cpu_model=f"{m.cpu_name} ({LABEL})", physical_cores=m.cores, logical_cores=2 * m.cores,
+        ram_total_bytes=m.ram_bytes, ram_available_bytes=m.ram_bytes,
+        llama_devices=[LlamaDevice("CPU", m.cpu_name, "CPU", m.ram_bytes, m.ram_bytes),
+                       LlamaDevice(GPU, m.gpu_name, GPU, m.gpu_free_bytes, m.gpu_total_bytes)],
+        llama_build={"runner": LABEL, "machine": m.name},
+    )
+
+
+def _twin_fit(scenario: Scenario) -> FitAnswer | None:
+    """The twin's --fit answer as llama-fit-params would print it (no binary runs)."""
+    params = fit_params(scenario)
+    if params is None:
+        return None
+    placement = to_placement(params, model_shape(scenario.model).anatomy)
+    return FitAnswer(placement, f"twin --fit: {render_flags(placement)}", ())
+
+
+def run_search(scenario: Scenario, seed: int, n_trials: int) -> SearchRun:
+    """placetune's current search on the scenario: seeds included, n_trials trials, then its final re-measure."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    shape = model_shape(scenario.model)
+    machine = twin_machine(scenario)
+    runner = TwinRunner(scenario, seed=seed)
+    records: list[TrialRecord] = []
+
+    def on_trial(trial: optuna.trial.FrozenTrial, search: Search) -> None:
+        attrs = trial.user_attrs
+        reason = attrs.get("reason", "")
+        records.append(TrialRecord(
+            number=trial.number, state=trial.state.name,
+            value=trial.values[0] if trial.values else None, duplicate="duplicate_of" in attrs,
+            placement=attrs.get("placement"), reason=reason, clock_s=runner.clock_s))
+
+    anatomy = shape.anatomy
+    m = scenario.machine
+    bandwidths = {"CPU": Bandwidth(m.ram_bw_gbs * RAM_PROBE_SHARE, f"twin RAM probe ({LABEL})"),
+                  GPU: Bandwidth(m.gpu_bw_gbs, f"twin spec sheet ({LABEL})")}
+    fit = _twin_fit(scenario)
+    sources = [LlamaFitParams(fit)] if fit else []
+    config = SearchConfig(
+        model=Path(f"{scenario.model.name}.gguf"), anatomy=anatomy, machine=machine,
+        space=resolve_space(None, anatomy, has_accelerator=True), workload=scenario.workload,
+        serving=serving_for(anatomy, scenario.workload, ctx=scenario.n_ctx), objective=scenario.objective,
+        n_trials=n_trials, seed=seed, storage=MEMORY_STORAGE, runner_name=TwinRunner.name, bandwidths=bandwidths,
+        seed_sources=[*sources, ByHand(), Roofline()],
+    )
+    search = Search(config, runner, on_trial=on_trial)
+    notes = [*search.notes, *search.enqueue_seeds()]
+    if fit is None:
+        notes.append("the twin's --fit found no placement that leaves 1 GiB free")
+    search.run()
+    decision = search.final_measure()
+    winner = decision.winner.placement.to_dict() if decision else None
+    return SearchRun(records, winner, runner.clock_s, sum(e.load_s for e in runner.events), notes)
