@@ -294,9 +294,15 @@ def _read_header(path: Path) -> _Header:
     """
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         pos = 0
+        where = "the header"
+
+        def room(n: int, what: str) -> None:
+            if n < 0 or pos + n > len(mm):
+                raise _Corrupt(f"{what} runs past the end of the file (at byte {pos}, {len(mm)} in all)")
 
         def take(fmt: str) -> Any:
             nonlocal pos
+            room(struct.calcsize("<" + fmt), where)
             value = struct.unpack_from("<" + fmt, mm, pos)[0]
             pos += struct.calcsize("<" + fmt)
             return value
@@ -304,8 +310,7 @@ def _read_header(path: Path) -> _Header:
         def string() -> str:
             nonlocal pos
             n = take("Q")
-            if pos + n > len(mm):
-                raise struct.error("string runs past the end of the file")
+            room(n, f"a text of {n} bytes in {where}")
             text = mm[pos : pos + n].decode("utf-8", errors="replace")
             pos += n
             return text
@@ -315,12 +320,18 @@ def _read_header(path: Path) -> _Header:
         pos = 4
         version = take("I")
         if version not in (2, 3):
-            raise ValueError(f"unsupported GGUF version {version}")
+            raise _Corrupt(f"GGUF version {version} is not one llama.cpp reads (2 or 3)")
         n_tensors, n_kv = take("Q"), take("Q")
+        # Every entry takes at least 12 bytes: a count that cannot fit in the file is damage, not a model.
+        for count, what in ((n_kv, "metadata entries"), (n_tensors, "tensors")):
+            if count * 12 > len(mm):
+                raise _Corrupt(f"the header claims {count} {what}, more than the file could hold")
         fields: dict[str, Any] = {}
         lengths: dict[str, int] = {}
-        for _ in range(n_kv):
+        for i in range(n_kv):
+            where = f"metadata entry {i + 1} of {n_kv}"
             key = string()
+            where = f"metadata {key!r}"
             vtype = take("I")
             if vtype == 8:
                 fields[key] = string()
@@ -328,29 +339,48 @@ def _read_header(path: Path) -> _Header:
                 etype, count = take("I"), take("Q")
                 lengths[key] = count
                 if etype == 8:
+                    room(8 * count, f"a list of {count} texts in {where}")
                     for _ in range(count):
                         skip = take("Q")  # take() moves pos past the length first
+                        room(skip, f"a text of {skip} bytes in {where}")
                         pos += skip
                 elif etype in _SCALARS:
                     size = struct.calcsize(_SCALARS[etype])
+                    room(size * count, f"a list of {count} values in {where}")
                     if count <= _SMALL_ARRAY:
                         fields[key] = list(struct.unpack_from(f"<{count}{_SCALARS[etype]}", mm, pos))
                     pos += size * count
                 else:
-                    raise ValueError(f"metadata {key}: unsupported array element type {etype}")
+                    raise _Corrupt(f"{where} is a list of an unknown value type ({etype})")
             elif vtype in _SCALARS:
                 fields[key] = take(_SCALARS[vtype])
             else:
-                raise ValueError(f"metadata {key}: unknown value type {vtype}")
+                raise _Corrupt(f"{where} has an unknown value type ({vtype})")
         tensors = []
-        for _ in range(n_tensors):
+        for i in range(n_tensors):
+            where = f"tensor {i + 1} of {n_tensors}"
             name = string()
-            dims = tuple(take("Q") for _ in range(take("I")))
-            ggml_type = GGMLQuantizationType(take("I"))
+            where = f"tensor {name!r}"
+            n_dims = take("I")
+            if n_dims > 8:
+                raise _Corrupt(f"{where} claims {n_dims} dimensions (GGUF allows at most 4)")
+            dims = tuple(take("Q") for _ in range(n_dims))
+            type_id = take("I")
+            try:
+                ggml_type = GGMLQuantizationType(type_id)
+            except ValueError:
+                raise _Corrupt(f"{where} has tensor type {type_id}, which this gguf library does not know "
+                               "(a newer quantization? upgrade gguf)") from None
             tensors.append(_Tensor(name, dims, ggml_type, take("Q")))
         alignment = int(fields.get("general.alignment", 32))
+        if alignment <= 0:
+            raise _Corrupt(f"general.alignment is {alignment}")
         data_offset = pos + (-pos % alignment)
         return _Header(fields, lengths, tensors, data_offset)
+
+
+class _Corrupt(Exception):
+    """A header that cannot be a GGUF model's, said in terms of the file."""
 
 
 class _BadMagic(Exception):
@@ -368,10 +398,8 @@ def _open(path: Path) -> _Header:
         header = _read_header(path)
     except _BadMagic:
         raise PlacetuneError(f"{path} is not a GGUF file (bad magic); give a .gguf model") from None
-    except (struct.error, IndexError, OverflowError, MemoryError) as exc:
-        raise PlacetuneError(f"{path}: GGUF header is truncated or corrupt ({exc}); download it again") from None
-    except ValueError as exc:
-        raise PlacetuneError(f"{path}: unreadable GGUF header ({exc}); the file is truncated or corrupt") from None
+    except _Corrupt as exc:
+        raise PlacetuneError(f"{path} is truncated or damaged: {exc}; download or convert it again") from None
     size = path.stat().st_size
     for t in header.tensors:
         end = header.data_offset + t.offset + t.n_bytes

@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from placetune.errors import PlacetuneError
 from placetune.escape import one_line
+from placetune.runners import default_runner
 
 app = typer.Typer(
     name="placetune",
@@ -80,7 +81,7 @@ def synth(
     console.print(f"wrote {path} ({human_bytes(path.stat().st_size)})")
 
 
-RunnerOpt = Annotated[str, typer.Option("--runner", help="embedded (llama-cpp-python), llama-bench or llama-server.")]
+RunnerOpt = Annotated[str | None, typer.Option("--runner", help="embedded (llama-cpp-python), llama-bench or llama-server (default: embedded if llama-cpp-python is installed, else llama-bench).")]
 BinDirOpt = Annotated[Path | None, typer.Option("--llama-bin-dir", help="Directory holding llama-bench/llama-server.")]
 RpcOpt = Annotated[str | None, typer.Option("--rpc", help="RPC servers HOST:PORT[,HOST:PORT] (devices RPC0, ...).")]
 PromptOpt = Annotated[int, typer.Option("--prompt-tokens", "-p", help="Prompt tokens per pp test.")]
@@ -101,7 +102,7 @@ def _rpc_list(rpc: str | None) -> list[str]:
 def bench(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="GGUF model.")],
-    runner: RunnerOpt = "embedded",
+    runner: RunnerOpt = None,
     placement_file: Annotated[
         Path | None, typer.Option("--placement", help="A placement JSON (or a best.json) instead of flags.")
     ] = None,
@@ -133,11 +134,13 @@ def bench(
     placement = load_placement(placement_file) if placement_file else parse_flags(ctx.args)
     workload = Workload(prompt_tokens, gen_tokens, depth, reps, warmups, timeout)
     rpc_servers = _rpc_list(rpc)
+    runner = default_runner(runner)
     if any(o.buft != "CPU" for o in placement.overrides):
         from placetune.hardware import probe_machine
         from placetune.placement import check_buffer_types
 
-        check_buffer_types(placement, [d.buffer_type for d in probe_machine(rpc_servers).llama_devices])
+        devices = probe_machine(rpc_servers, runner, llama_bin_dir).llama_devices
+        check_buffer_types(placement, [d.buffer_type for d in devices])
     measurer = get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers)
     if not as_json:
         console.print(f"measuring with {runner}: {' '.join(ctx.args) or '(llama.cpp defaults)'}", highlight=False)
@@ -159,13 +162,18 @@ def bench(
 @app.command()
 def hw(
     rpc: RpcOpt = None,
+    runner: RunnerOpt = None,
+    llama_bin_dir: BinDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the machine record as JSON.")] = False,
 ) -> None:
-    """CPU, RAM, NVIDIA GPUs and the devices llama.cpp sees: the fingerprint every result carries."""
+    """CPU, RAM, NVIDIA GPUs and the devices llama.cpp sees: the fingerprint every result carries.
+
+    The devices and the build are those of the runner: llama-cpp-python's, or your llama-bench/llama-server's.
+    """
     from placetune.hardware import probe_machine
     from placetune.views import machine_table
 
-    machine = probe_machine(_rpc_list(rpc))
+    machine = probe_machine(_rpc_list(rpc), default_runner(runner), llama_bin_dir)
     if as_json:
         typer.echo(json.dumps(machine.to_dict(), indent=2))
     else:
@@ -191,7 +199,7 @@ def search(
     reps: RepsOpt = 5,
     warmups: WarmOpt = 3,
     trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="Seconds before one llama.cpp run is killed.")] = 900.0,
-    runner: RunnerOpt = "embedded",
+    runner: RunnerOpt = None,
     llama_bin_dir: BinDirOpt = None,
     rpc: RpcOpt = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite:///<out>/placetune.db); postgresql://USER:PASS@HOST/DB lets workers on several hosts share one study.")] = None,
@@ -231,7 +239,8 @@ def search(
     workload = Workload(prompt_tokens, gen_tokens, depth, reps, warmups, trial_timeout)
     serving = serving_for(anatomy, workload, ctx, slots)
     rpc_servers = _rpc_list(rpc)
-    machine = probe_machine(rpc_servers)
+    runner = default_runner(runner)
+    machine = probe_machine(rpc_servers, runner, llama_bin_dir)
     budgets = parse_budgets(budget or [], [d.name for d in machine.llama_devices])
     chosen = resolve_space(space, anatomy, bool(machine.accelerators))
     for item in set_ or []:
@@ -415,7 +424,8 @@ def verify(
 
     plan = load_result(result, storage)
     rpc_servers = _rpc_list(rpc) if rpc else None
-    machine = probe_machine(rpc_servers if rpc_servers is not None else plan.data.get("rpc") or [])
+    machine = probe_machine(rpc_servers if rpc_servers is not None else plan.data.get("rpc") or [], "llama-server",
+                            llama_bin_dir)
 
     def launching(line: str) -> None:
         console.print(f"launching: {line}", highlight=False, markup=False, soft_wrap=True)
@@ -470,7 +480,7 @@ def regress(
     if suite is None:
         raise PlacetuneError("give a SUITE (.toml or results folder), or --show CASE / --pin CASE")
     settings = rg.Settings(last=last, baseline=baseline, threshold=threshold, confirm=not no_confirm,
-                           runner=runner or "embedded", bin_dir=llama_bin_dir, rpc=tuple(_rpc_list(rpc)))
+                           runner=default_runner(runner), bin_dir=llama_bin_dir, rpc=tuple(_rpc_list(rpc)))
 
     def progress(case: rg.Case, outcomes: list[rg.Outcome]) -> None:
         console.print(f"{case.name}: " + "; ".join(f"{o.metric} {o.status}" for o in outcomes), highlight=False, markup=False)

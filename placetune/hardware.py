@@ -15,6 +15,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -81,7 +82,7 @@ class Machine:
             "ram_gib": round(self.ram_total_bytes / 2**30),
             "gpus": [(g.name, round(g.total_bytes / 2**30)) for g in self.gpus],
             "devices": [(d.name, d.description) for d in self.llama_devices],
-            "llama": {k: v for k, v in self.llama_build.items() if k != "system_info"},
+            "llama": self.llama_build.get("id") or {k: v for k, v in self.llama_build.items() if k != "system_info"},
         }
         return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -153,12 +154,25 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def probe_machine(rpc: Sequence[str] = ()) -> Machine:
-    """Probe everything; llama.cpp's device list comes from a child process, as measurements do."""
-    from placetune.runners.embedded import probe_llama
+def probe_machine(rpc: Sequence[str] = (), runner: str = "embedded", bin_dir: str | Path | None = None) -> Machine:
+    """Probe everything; llama.cpp's devices and build come from what the runner will run.
 
+    The embedded runner asks llama-cpp-python in a child process; llama-bench and llama-server are asked
+    themselves (`--list-devices`), so a machine with only its own llama.cpp build needs no llama-cpp-python.
+    """
     mem = psutil.virtual_memory()
-    devices, build = probe_llama(rpc)
+    if runner == "embedded":
+        from placetune.runners.embedded import probe_llama
+
+        devices, build = probe_llama(rpc)
+    else:
+        from placetune.runners.binaries import binary_build, find_binary, list_devices
+
+        binary = find_binary(runner, bin_dir)
+        build = binary_build(binary)
+        cpu = {"name": "CPU", "description": cpu_model(), "buffer_type": "CPU",
+               "free_bytes": int(mem.available), "total_bytes": int(mem.total)}
+        devices = [cpu, *list_devices(binary, rpc)]
     return Machine(
         hostname=socket.gethostname(),
         cpu_model=cpu_model(),

@@ -12,7 +12,6 @@ fleet can share one store; rows carry the machine fingerprint and only matching 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import statistics
@@ -308,31 +307,8 @@ def _from_db(rec: Any) -> Row:
 
 
 def build_label(build: dict[str, Any]) -> str:
-    """A short name for the llama.cpp build a measurement ran on.
-
-    Packaged binaries may report `commit unknown`; then a digest of the binary and the libraries
-    beside it tells two builds apart, so a rebuilt llama.cpp is never compared with the old one.
-    """
-    if build.get("llama_cpp_python"):
-        return f"llama-cpp-python {build['llama_cpp_python']}"
-    commit, number = build.get("commit"), build.get("build_number")
-    if commit and commit != "unknown":
-        return f"b{number} {commit}"
-    binary = build.get("binary")
-    if not binary or not Path(binary).exists():
-        return str(build.get("version") or "unknown build")
-    p = Path(binary)
-    return f"{build.get('version') or 'unknown'} #{_files_digest(str(p), p.stat().st_mtime_ns)}"
-
-
-@functools.lru_cache(maxsize=16)
-def _files_digest(binary: str, _mtime_ns: int) -> str:
-    files = {Path(binary).resolve()} | {p.resolve() for p in Path(binary).parent.glob("lib*.so*")}
-    h = hashlib.sha256()
-    for path in sorted(f for f in files if f.is_file()):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:10]
+    """A short name for the llama.cpp build a measurement ran on: the runner's build id (see binaries.py)."""
+    return str(build.get("id") or build.get("version") or "unknown build")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,7 +693,7 @@ def regress(suite: Path, history: str, settings: Settings,
     cases = load_suite(suite)
     store = History(history)
     try:
-        machine = probe_machine(settings.rpc)
+        machine = probe_machine(settings.rpc, settings.runner, settings.bin_dir)
         runners: dict[str, Runner] = {}
 
         def runner_for(name: str) -> Runner:

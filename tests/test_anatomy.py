@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,24 @@ def test_truncated_gguf(tiny_moe: Path, tmp_path: Path) -> None:
         data = tiny_moe.read_bytes()
         path.write_bytes(data[: int(len(data) * keep)])
         assert "truncated" in one_line_error(run_cli("inspect", str(path)))
+
+
+def test_corrupt_counts_are_said_in_terms_of_the_file(tiny_moe: Path, tmp_path: Path) -> None:
+    data = bytearray(tiny_moe.read_bytes())
+    key = b"tokenizer.ggml.tokens"
+    at = data.index(key) + len(key) + 4 + 4  # past the key, its value type (array) and the element type
+    for name, count in (("huge", 2**60), ("large", 2**31)):
+        bad = bytearray(data)
+        bad[at : at + 8] = struct.pack("<Q", count)  # the vocabulary's length
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(bytes(bad))
+        line = one_line_error(run_cli("inspect", str(path)))
+        assert "truncated or damaged" in line and "tokenizer.ggml.tokens" in line, line
+        assert "unpack" not in line and "vocab-only" not in line and "buffer" not in line
+    bad = bytearray(data)
+    bad[16:24] = struct.pack("<Q", 2**40)  # the number of metadata entries
+    (tmp_path / "kv.gguf").write_bytes(bytes(bad))
+    assert "more than the file could hold" in one_line_error(run_cli("inspect", str(tmp_path / "kv.gguf")))
 
 
 def test_unknown_quant_type(tmp_path: Path) -> None:

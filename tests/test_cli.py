@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -76,3 +77,35 @@ def test_hw_lists_rpc_devices(rpc_server: str) -> None:
     assert proc.returncode == 0, proc.stderr
     names = [d["name"] for d in json.loads(proc.stdout)["llama_devices"]]
     assert names == ["CPU", "RPC0"]
+
+
+def test_second_ctrl_c_stops_at_once_and_the_cut_trial_is_measured_on_resume(tiny_moe: Path, tmp_path: Path) -> None:
+    args = [*CLI, "search", str(tiny_moe), "--out", str(tmp_path), "--n-trials", "8", "-p", "2048", "-n", "256",
+            "-r", "5", "--warmups", "1", "--top-k", "1", "--set", "repack=false"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout is not None and proc.stderr is not None
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith("trial 1"):
+            time.sleep(0.3)  # inside the next trial's measurement (each takes over a second)
+            proc.send_signal(signal.SIGINT)
+        if "Ctrl-C again stops at once" in line:
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            break
+    output += proc.stdout.readlines()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(output) + err
+    assert "interrupted" in err and "resume" in err and "Traceback" not in err
+    storage = f"sqlite:///{tmp_path / 'placetune.db'}"
+    name = optuna.get_all_study_names(storage)[0]
+    cut = [t for t in optuna.load_study(study_name=name, storage=storage).trials if t.state.name == "FAIL"]
+    assert len(cut) == 1 and "interrupted (Ctrl-C)" in cut[0].user_attrs["reason"]
+    # Resuming measures the cut trial again (with its parameters, and its baseline placement if it was one).
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=ENV)
+    assert done.returncode == 0, done.stderr + done.stdout
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    (retry,) = [t for t in trials if t.system_attrs.get("retry_history") == [cut[0].number]]
+    assert retry.state.name in ("COMPLETE", "PRUNED") and retry.params == cut[0].params
+    assert retry.user_attrs.get("name") == cut[0].user_attrs.get("name")

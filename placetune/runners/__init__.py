@@ -6,6 +6,7 @@ package, does not pay for the others.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,16 @@ from placetune.errors import PlacetuneError
 from placetune.runners.base import Runner
 
 RUNNERS = ("embedded", "llama-bench", "llama-server")
+
+
+def default_runner(name: str | None) -> str:
+    """The runner named, else the embedded one where llama-cpp-python is installed, else llama-bench (a machine
+    with only its own llama.cpp build)."""
+    if name is not None:
+        if name not in RUNNERS:
+            raise PlacetuneError(f"unknown runner {name!r}; choose one of {', '.join(RUNNERS)}")
+        return name
+    return "embedded" if importlib.util.find_spec("llama_cpp") is not None else "llama-bench"
 
 
 def get_runner(name: str, *, bin_dir: str | Path | None = None, rpc: Sequence[str] = (),

