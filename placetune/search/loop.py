@@ -353,19 +353,22 @@ class Search:
         """The final round's field: the top trials and every measured baseline, one per placement; and rows
         for the baselines that could not be measured."""
         c = self.config
-        complete = self._complete()
         if c.objective == "pareto":
             front = [t for t in self.study.best_trials if "duplicate_of" not in t.user_attrs]
             top = [t for t in front if t.user_attrs.get("role") != BASELINE]
         else:
             top = [t for t in self.ranked() if t.user_attrs.get("role") != BASELINE][: c.top_k]
-        baselines = [t for t in complete if t.user_attrs.get("role") == BASELINE]
+        # Baselines that repeat another's placement were not measured again, but their names still count.
+        baselines = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if t.user_attrs.get("role") == BASELINE]
         field: dict[str, Contender] = {}
         for t in baselines + top:
             flags = t.user_attrs["flags"]
             role = t.user_attrs.get("role", SEARCH)
             name = t.user_attrs.get("name") or f"trial {t.number}"
-            if flags in field:  # a trial that landed on a baseline's placement is that baseline
+            if flags in field:  # one placement, measured once: a second baseline's name joins the first
+                if role == BASELINE and name not in field[flags].name:
+                    field[flags].name += f" = {name}"
                 continue
             field[flags] = Contender(name, role, t.number, Placement.from_dict(t.user_attrs["placement"]), flags)
         unmeasured = []
