@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -289,6 +290,109 @@ def search(
     search_summary(record, console)
     for kind, path in paths.items():
         console.print(f"{kind:>7}: {path}", highlight=False, markup=False)
+
+
+@app.command()
+def shootout(
+    model: Annotated[Path, typer.Argument(help="GGUF model.")],
+    budget: Annotated[list[str] | None, typer.Option("--budget", help="Memory per device for every contender, e.g. CUDA0=12GiB (a CUDA card's rest is held back).")] = None,
+    depth: Annotated[str, typer.Option("--depth", help="Context depths, one workload each, e.g. 0,4096,32768.")] = "0",
+    best: Annotated[Path | None, typer.Option("--best", help="placetune's winner from this best.json (or results folder).")] = None,
+    search_minutes: Annotated[float | None, typer.Option("--search-minutes", help="Run placetune's search here for this long and use its winner.")] = None,
+    line: Annotated[list[str] | None, typer.Option("--line", help="Your own contender: NAME='FLAGS' (repeatable).")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds per depth.")] = 2,
+    ctx: Annotated[int | None, typer.Option("--ctx", "-c", help="Serving context (default: covers the largest depth).")] = None,
+    prompt_tokens: PromptOpt = 512,
+    gen_tokens: GenOpt = 128,
+    reps: RepsOpt = 5,
+    warmups: WarmOpt = 3,
+    timeout: TimeoutOpt = 900.0,
+    runner: RunnerOpt = None,
+    llama_bin_dir: BinDirOpt = None,
+    rpc: RpcOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for shootout.md and shootout.jsonl (default: results/shootout/<model>).")] = Path(),
+) -> None:
+    """placetune's winner against llama.cpp's own answers (--fit, llama-fit-params, --cpu-moe, the best
+    --n-cpu-moe N first and last) and your lines, interleaved, on equal memory, with intervals."""
+    from placetune import shootout as so
+    from placetune.anatomy import read_anatomy
+    from placetune.budgets import MIB, parse_budgets
+    from placetune.hardware import probe_machine
+    from placetune.results import load_best
+    from placetune.runners import get_fit_runner, get_runner
+    from placetune.runners.base import Workload
+    from placetune.search import serving_for
+
+    if rounds < 1:
+        raise PlacetuneError(f"--rounds must be at least 1, got {rounds}")
+    try:
+        depths = tuple(sorted({int(d) for d in depth.split(",") if d.strip()}))
+    except ValueError:
+        raise PlacetuneError(f"--depth {depth!r}: give whole numbers separated by commas, e.g. 0,4096") from None
+    if not depths or depths[0] < 0:
+        raise PlacetuneError(f"--depth {depth!r}: give depths of 0 or more, e.g. 0,4096")
+    if best is not None and search_minutes is not None:
+        raise PlacetuneError("give placetune's winner either as --best or by --search-minutes, not both")
+    anatomy = read_anatomy(model)
+    workload = Workload(prompt_tokens, gen_tokens, 0, reps, warmups, timeout)
+    serving = serving_for(anatomy, replace(workload, depth=depths[-1]), ctx)
+    rpc_servers = _rpc_list(rpc)
+    runner = default_runner(runner)
+    machine = probe_machine(rpc_servers, runner, llama_bin_dir)
+    budgets = parse_budgets(budget or [], [d.name for d in machine.llama_devices])
+    lines = [so.parse_line(text) for text in line or []]
+    held = {f"CUDA{g.index}" for g in machine.gpus}
+    margin = next((-(-(d.free_bytes - budgets[d.name]) // MIB) for d in machine.accelerators
+                   if d.name in budgets and d.name not in held), None)
+    config = so.ShootoutConfig(
+        model=model.resolve(), anatomy=anatomy, machine=machine, workload=workload, depths=depths, serving=serving,
+        runner=get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers),
+        fit_runner=get_fit_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers, margin_mib=margin),
+        budgets=budgets, rpc=rpc_servers, bin_dir=llama_bin_dir, rounds=rounds, lines=lines)
+    if best is not None:
+        config.winner = ("placetune's winner (best.json)", serving.apply(load_best(best).placement))
+    elif search_minutes is not None:
+        config.winner = _search_for_shootout(config, search_minutes, out, runner)
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False, markup=False)
+
+    result = so.run(config, on_progress=say)
+    folder = out if out != Path() else Path("results") / "shootout" / model.stem
+    label = (f"{', '.join(g.name for g in machine.gpus) or 'no GPU'}, {machine.cpu_model}, "
+             f"{machine.physical_cores} cores (fingerprint {machine.fingerprint()})")
+    paths = so.write(result, folder, label)
+    console.print(result.markdown(label), highlight=False, markup=False, soft_wrap=True)
+    for kind, path in paths.items():
+        console.print(f"{kind:>8}: {path}", highlight=False, markup=False)
+
+
+def _search_for_shootout(config: Any, minutes: float, out: Path, runner_name: str) -> tuple[str, Any]:
+    """Run placetune's search on the shootout's model, memory and serving context; its winner's name and placement."""
+    from placetune.runners import get_runner
+    from placetune.search import Search, SearchConfig
+    from placetune.space import resolve_space
+
+    folder = (out if out != Path() else Path("results") / "shootout" / config.model.stem).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    measurer = get_runner(runner_name, bin_dir=config.bin_dir, rpc=config.rpc, reuse=True)
+    search_config = SearchConfig(
+        model=config.model, anatomy=config.anatomy, machine=config.machine,
+        space=resolve_space(None, config.anatomy, bool(config.machine.accelerators)),
+        workload=config.workload, serving=config.serving, n_trials=10_000, timeout_s=minutes * 60,
+        storage=f"sqlite:///{folder / 'search.db'}", budgets=config.budgets, rpc=config.rpc, runner_name=runner_name,
+        bin_dir=config.bin_dir)
+    try:
+        engine = Search(search_config, measurer)
+        engine.enqueue_seeds()
+        engine.run()
+        decision = engine.final_measure()
+    finally:
+        if hasattr(measurer, "close"):
+            measurer.close()
+    if decision is None:
+        raise PlacetuneError(engine.no_winner_reason())
+    return f"placetune's winner (searched {minutes:g} min)", decision.winner.placement
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

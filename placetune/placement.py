@@ -517,7 +517,7 @@ def parse_flags(args: str | Sequence[str], tool: str = "server") -> Placement:
             tokens[i : i + 1] = [flag, inline]
         if flag in ("-ngl", "--gpu-layers", "--n-gpu-layers"):
             raw = take(flag)
-            if raw == "all":
+            if raw in ("all", "-1"):  # -1: llama.cpp's own value for every layer (llama-fit-params prints it)
                 values["n_gpu_layers"] = ALL_LAYERS
             elif raw != "auto":
                 if not raw.isdigit():

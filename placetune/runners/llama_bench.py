@@ -17,11 +17,12 @@ from typing import Any
 from placetune.placement import Placement, render_bench_command
 from placetune.runners.base import BAD_ARGS, ERROR, OK, Measurement, Stats, Workload, classify_failure
 from placetune.runners.binaries import binary_build, find_binary, run_to_end
-from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail
+from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail, overridden_tensors
 
 # Process flags, not placement: -v prints the DEBUG `buffer type overridden` lines the check reads.
 VERBOSE = "-v"
 NO_WARMUP = "--no-warmup"
+FIT_MARGIN_MIB = 1024  # llama.cpp's default --fit-target (common/common.h)
 
 
 class LlamaBenchRunner:
@@ -29,9 +30,14 @@ class LlamaBenchRunner:
 
     name = "llama-bench"
 
-    def __init__(self, bin_dir: str | Path | None = None, rpc: Sequence[str] = ()) -> None:
+    def __init__(self, bin_dir: str | Path | None = None, rpc: Sequence[str] = (), fit_on: bool = False,
+                 fit_margin_mib: int = FIT_MARGIN_MIB) -> None:
+        """fit_on: let llama.cpp's --fit place the tensors (llama-bench -fitt MARGIN), as a user who sets
+        nothing gets; the placement's own layers and overrides must then be empty."""
         self.bin_dir = bin_dir
         self.rpc = tuple(rpc)
+        self.fit_on = fit_on
+        self.fit_margin_mib = fit_margin_mib
 
     def command(self, model: Path, placement: Placement, workload: Workload) -> list[str]:
         """The exact llama-bench command line a measurement runs."""
@@ -41,7 +47,8 @@ class LlamaBenchRunner:
             depth=workload.depth, repetitions=workload.repetitions + _extra_warmups(workload), rpc=self.rpc,
             output="jsonl",
         )
-        return [*cmd, VERBOSE] + ([NO_WARMUP] if workload.warmups == 0 else [])
+        fit = ["-fitt", str(self.fit_margin_mib)] if self.fit_on else []
+        return [*cmd, *fit, VERBOSE] + ([NO_WARMUP] if workload.warmups == 0 else [])
 
     def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
         command = self.command(model, placement, workload)
@@ -82,7 +89,10 @@ class LlamaBenchRunner:
             cpu_info=first.get("cpu_info"), gpu_info=first.get("gpu_info"),
             threads=first.get("n_threads"),
         )
-        m.tensor_buffers, m.placement_issues = check_placement(model, placement, run.log)
+        if self.fit_on:  # --fit chose the overrides: report where tensors went, there is no plan to check
+            m.tensor_buffers = overridden_tensors(run.log)
+        else:
+            m.tensor_buffers, m.placement_issues = check_placement(model, placement, run.log)
         return m
 
 

@@ -37,7 +37,7 @@ from placetune.errors import PlacetuneError
 from placetune.placement import Placement, render_server_command
 from placetune.runners.base import BAD_ARGS, ERROR, OK, TIMEOUT, Measurement, Stats, Workload, classify_failure
 from placetune.runners.binaries import binary_build, binary_help, exit_status, find_binary, reap
-from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail
+from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail, overridden_tensors
 from placetune.runners.process import kill_group, spawn
 
 # Process flags, not placement: (flags, the --help text that shows this build has them). -lv 5 prints
@@ -189,21 +189,28 @@ class LlamaServerRunner:
 
     name = "llama-server"
 
-    def __init__(self, bin_dir: str | Path | None = None, rpc: Sequence[str] = (), seed: int = 0) -> None:
+    def __init__(self, bin_dir: str | Path | None = None, rpc: Sequence[str] = (), seed: int = 0,
+                 fit_on: bool = False, fit_margin_mib: int | None = None) -> None:
+        """fit_on: start the line as a user who passes only -m and -c would (--fit on, -np auto): llama.cpp
+        places the tensors itself, and nothing placetune would add to pin them is added. fit_margin_mib:
+        its -fitt, where a budget cannot be enforced otherwise (default: llama.cpp's own)."""
         self.bin_dir = bin_dir
         self.rpc = tuple(rpc)
         self.seed = seed
+        self.fit_on = fit_on
+        self.fit_margin_mib = fit_margin_mib
 
     def command(self, model: Path, placement: Placement, workload: Workload, port: int) -> list[str]:
         """The exact llama-server command line a measurement starts (the context sized to the workload)."""
         binary = find_binary("llama-server", self.bin_dir)
         if placement.ctx is None:
             placement = replace(placement, ctx=workload.context_needed)
-        if placement.parallel is None:  # llama-server's own default (-np auto) would size the cache for 4 slots
+        if placement.parallel is None and not self.fit_on:  # -np auto would size the cache for 4 slots
             placement = replace(placement, parallel=1)
+        margin = ["-fitt", str(self.fit_margin_mib)] if self.fit_on and self.fit_margin_mib is not None else []
         return render_server_command(str(model), placement, binary=str(binary), host="127.0.0.1", port=port,
-                                     rpc=self.rpc, fit_off="--fit" in binary_help(binary),
-                                     extra=server_flags(binary))
+                                     rpc=self.rpc, fit_off=not self.fit_on and "--fit" in binary_help(binary),
+                                     extra=[*margin, *server_flags(binary)])
 
     def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
         port = free_port()
@@ -246,7 +253,9 @@ class LlamaServerRunner:
         crashed = rc is not None and rc < 0 and rc not in (-signal.SIGTERM, -signal.SIGKILL)
         if m.status == ERROR and (server.exited_by_itself or crashed):
             m.status, m.reason = classify_failure(server.returncode, server.log)
-        if m.status == OK:
+        if m.status == OK and self.fit_on:  # --fit chose the overrides: there is no plan to check them against
+            m.tensor_buffers = overridden_tensors(server.log)
+        elif m.status == OK:
             m.tensor_buffers, m.placement_issues = check_placement(model, placement, server.log)
         return m
 
