@@ -20,7 +20,9 @@ from placetune.escape import comment, yaml_string
 from placetune.placement import (
     Placement,
     python_kwargs,
+    render_args,
     render_bench_command,
+    render_env,
     render_flags,
     render_ot,
     render_server_command,
@@ -116,11 +118,14 @@ def export(plan: BestPlan, fmt: str = "server", host: str = "127.0.0.1", port: i
     model = plan.model_path
     rpc = list(plan.data.get("rpc") or [])
     if fmt == "server":
-        return shlex.join(render_server_command(model, placement, binary=binary, host=host, port=port, rpc=rpc))
+        return shlex.join([*render_env(placement), *render_server_command(model, placement, binary=binary, host=host,
+                                                                          port=port, rpc=rpc)])
     if fmt == "bench":
         return _bench_line(plan, binary)
     if fmt == "flags":
-        return render_flags(placement)
+        flags = shlex.join(render_args(placement))
+        return flags + ("\n" + comment(f"and in the environment: {' '.join(render_env(placement))}")
+                        if placement.env else "")
     if fmt == "ot":
         if not placement.overrides:
             raise PlacetuneError("this plan has no tensor overrides (-ot); use --format flags for its other flags")
@@ -143,6 +148,7 @@ def _bench_line(plan: BestPlan, binary: str) -> str:
                                output=None)
     if w.warmups == 0:
         cmd.append(NO_WARMUP)
+    cmd = [*render_env(plan.placement), *cmd]
     p = plan.placement
     serving = f"-c {p.ctx} -np {p.parallel or 1}" if p.ctx else "the serving context"
     note = (f"llama-bench has no -c or -np: it sizes its KV cache to each test, not to {serving}, and places "
@@ -156,8 +162,10 @@ def _python_snippet(model: str, placement: Placement) -> str:
     Llama() silently ignores unknown keywords, so nothing it lacks is passed as one.
     """
     kw, cannot = python_kwargs(placement)
-    lines = [comment(f"llama-cpp-python equivalent of: {render_flags(placement) or '(llama.cpp defaults)'}"),
-             "from llama_cpp import Llama", ""]
+    lines = [comment(f"llama-cpp-python equivalent of: {render_flags(placement) or '(llama.cpp defaults)'}")]
+    if placement.env:  # backend knobs are read when llama.cpp starts: set them before it is imported
+        lines += ["import os", *(f"os.environ[{name!r}] = {value!r}" for name, value in placement.env)]
+    lines += ["from llama_cpp import Llama", ""]
     if cannot:
         lines.append(comment("Llama() cannot express these settings of the measured line; use --format server "
                              "to deploy them:"))
@@ -185,11 +193,13 @@ def _llama_swap_entry(plan: BestPlan, host: str, binary: str) -> str:
     proxy_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     proxy_host = f"[{proxy_host}]" if ":" in proxy_host else proxy_host
     name = Path(plan.model_path).stem
+    env = [f"      - {yaml_string(word)}" for word in render_env(plan.placement)]
     return "\n".join([
         comment(f"llama-swap model entry by placetune ({_summary(plan)})"),
         "models:",
         f"  {yaml_string(name)}:",
         f"    cmd: {yaml_string(line)}",
+        *(["    env:", *env] if env else []),
         f"    proxy: {yaml_string(f'http://{proxy_host}:{LLAMA_SWAP_PORT}')}",
     ])
 

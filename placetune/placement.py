@@ -25,6 +25,8 @@ FLASH_ATTN = ("on", "off", "auto")
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 # The layer universe used to read a hand-written -ot regex back into layers.
 _PARSE_MAX_LAYERS = 256
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SPLIT_MODES = ("none", "layer", "row")
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,15 @@ class Placement:
     ctx: int | None = None
     parallel: int | None = None
     tensor_split: tuple[float, ...] | None = None
+    split_mode: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.env:
+            object.__setattr__(self, "env", tuple(sorted((str(k), str(v)) for k, v in self.env)))
+            for name, _ in self.env:
+                if not _ENV_NAME.fullmatch(name):
+                    raise PlacetuneError(f"environment knob {name!r} is not a variable name (letters, digits, _)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -127,6 +138,7 @@ class Placement:
             **d,
             "overrides": tuple(overrides),
             "tensor_split": None if ts is None else tuple(float(x) for x in ts),
+            "env": tuple((str(k), str(v)) for k, v in d.get("env", ())),
         })
 
 
@@ -208,6 +220,7 @@ _KNOBS: tuple[_Knob, ...] = (
     _Knob("load_mode", "-lm", "-lm", ("--load-mode",)),
     _Knob("ctx", "-c", None, ("--ctx-size",)),
     _Knob("parallel", "-np", None, ("--parallel",)),
+    _Knob("split_mode", "-sm", "-sm", ("--split-mode",)),
 )
 
 
@@ -274,8 +287,14 @@ def render_args(placement: Placement, tool: str = "server") -> list[str]:
 
 
 def render_flags(placement: Placement) -> str:
-    """The llama-server flags as one shell-quoted string."""
-    return shlex.join(render_args(placement, "server"))
+    """The placement as one shell-quoted string: llama-server flags, after the environment knobs they need
+    (`NAME=VALUE ...`). It names a placement everywhere: in tables, trial records and comparisons."""
+    return shlex.join([*render_env(placement), *render_args(placement, "server")])
+
+
+def render_env(placement: Placement) -> list[str]:
+    """Backend environment knobs as NAME=VALUE words: a shell command prefix (`NAME=VALUE llama-server ...`)."""
+    return [f"{name}={value}" for name, value in placement.env]
 
 
 def render_ot(placement: Placement) -> str:
@@ -480,6 +499,10 @@ def _knob_value(knob: _Knob, raw: str, flag: str) -> Any:
         if value not in FLASH_ATTN:
             raise PlacetuneError(f"{flag} takes on, off or auto, got {raw!r}")
         return value
+    if knob.name == "split_mode":
+        if raw not in SPLIT_MODES:
+            raise PlacetuneError(f"{flag} takes one of {', '.join(SPLIT_MODES)}, got {raw!r}")
+        return raw
     if knob.name == "load_mode":
         if raw not in LOAD_MODES:
             raise PlacetuneError(f"{flag} takes one of {', '.join(LOAD_MODES)}, got {raw!r}")
@@ -497,6 +520,9 @@ def parse_flags(args: str | Sequence[str], tool: str = "server") -> Placement:
     Flags that are not about placement or runtime knobs are refused, never silently dropped.
     """
     tokens = shlex.split(args) if isinstance(args, str) else list(args)
+    env = []
+    while tokens and "=" in tokens[0] and _ENV_NAME.fullmatch(tokens[0].split("=", 1)[0]):
+        env.append(tuple(tokens.pop(0).split("=", 1)))
     if tokens and not tokens[0].startswith("-"):
         tokens = tokens[1:]
     values: dict[str, Any] = {}
@@ -571,7 +597,7 @@ def parse_flags(args: str | Sequence[str], tool: str = "server") -> Placement:
                 "-ub, -fa, -ctk, -ctv, -c, -np, -fit off, -lm/--no-mmap, --no-op-offload and --repack/--no-repack"
             )
         i += 1
-    return Placement(overrides=tuple(overrides), **values)
+    return Placement(overrides=tuple(overrides), env=tuple(env), **values)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from placetune import __version__
 from placetune.errors import PlacetuneError
 from placetune.escape import comment
-from placetune.placement import Placement
+from placetune.placement import Placement, render_env
 from placetune.records import one_line_error
 
 
@@ -130,7 +130,8 @@ class BestPlan:
 def best_script(record: BestRecord) -> str:
     """best.sh: the server line, with every outside string in its comments escaped (a file name may hold a
     newline, and a comment must not end early)."""
-    command = shlex.join(record.server_command)
+    env = render_env(Placement.from_dict(record.placement))
+    command = shlex.join(["env", *env, *record.server_command] if env else record.server_command)
     machine = record.machine
     return "\n".join([
         "#!/bin/sh",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from placetune.errors import PlacetuneError
-from placetune.runners.process import kill_group, spawn
+from placetune.runners.process import child_env, kill_group, spawn
 
 _VERSION = re.compile(r"version: (\S+) \(build (\d+), commit (\S+)\)")
 _BUILT_WITH = re.compile(r"built with (.+)")
@@ -189,7 +189,7 @@ class ChildRun:
     wall_s: float
 
 
-def run_to_end(command: Sequence[str], timeout_s: float) -> ChildRun:
+def run_to_end(command: Sequence[str], timeout_s: float, env: Sequence[tuple[str, str]] = ()) -> ChildRun:
     """Run a command in its own process group; kill the whole group on timeout or on KeyboardInterrupt.
 
     It dies with placetune too (process.spawn), and its output goes to anonymous files that cannot leak.
@@ -197,7 +197,7 @@ def run_to_end(command: Sequence[str], timeout_s: float) -> ChildRun:
     started = time.monotonic()
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out, \
             tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err:
-        proc = spawn(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True)
+        proc = spawn(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True, env=child_env(env))
         try:
             peak = reap(proc, started + timeout_s)
             timed_out = peak is None and proc.returncode is None

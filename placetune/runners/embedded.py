@@ -32,7 +32,7 @@ from placetune.runners.base import OK, Measurement, Stats, Workload, classify_fa
 from placetune.runners.binaries import files_digest
 from placetune.runners.embedded_child import model_key
 from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail
-from placetune.runners.process import kill_group, spawn
+from placetune.runners.process import child_env, kill_group, spawn
 
 # Listing devices takes about a second on a CPU; CUDA initialisation of several GPUs can take several.
 PROBE_TIMEOUT_S = 20.0
@@ -88,7 +88,7 @@ class EmbeddedRunner:
         key = model_key(request)
         if not (self.reuse and self._worker and self._worker.key == key and self._worker.alive()):
             self.close()
-            self._worker = _Worker(key)
+            self._worker = _Worker(key, placement.env)
         worker = self._worker
         started = time.perf_counter()
         try:
@@ -142,12 +142,13 @@ class EmbeddedRunner:
 class _Worker:
     """One embedded_child process: requests and answers as JSON lines, its log in a temporary file."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, env: Sequence[tuple[str, str]] = ()) -> None:
         self.key = key
         self.command = [sys.executable, "-m", "placetune.runners.embedded_child"]
         # Lives as long as the child; stop() closes it.
         self.log_file = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")  # noqa: SIM115
-        self.proc = spawn(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file)
+        self.proc = spawn(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file,
+                          env=child_env(env))
         self.pending = b""
 
     def alive(self) -> bool:

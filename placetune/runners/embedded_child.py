@@ -18,6 +18,7 @@ from typing import Any
 
 LOAD_MODES = {"auto": -1, "none": 0, "mmap": 1, "mlock": 2, "mmap+mlock": 3, "dio": 4}
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}  # enum llama_split_mode
 
 
 class _BuftOverride(ctypes.Structure):
@@ -106,7 +107,8 @@ def _fail(out: Any, status: str, reason: str) -> None:
     sys.exit(3)
 
 
-MODEL_KEYS = ("n_gpu_layers", "load_mode", "repack", "tensor_split")
+# The environment knobs are read when the backends start, so they belong to the child, like the model.
+MODEL_KEYS = ("n_gpu_layers", "load_mode", "repack", "tensor_split", "split_mode", "env")
 
 
 def model_key(request: dict[str, Any]) -> str:
@@ -158,6 +160,8 @@ class Worker:
             arr = (ctypes.c_void_p * (len(ordered) + 1))(*[d["_dev"] for d in ordered], None)
             self.keep.append(arr)
             mparams.devices = ctypes.cast(arr, ctypes.c_void_p)
+        if placement.get("split_mode") is not None:
+            mparams.split_mode = SPLIT_MODES[placement["split_mode"]]
         if placement.get("tensor_split"):
             n = llama_cpp.llama_max_devices()
             split = (ctypes.c_float * n)(*placement["tensor_split"][:n])

@@ -52,7 +52,7 @@ class LlamaBenchRunner:
 
     def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
         command = self.command(model, placement, workload)
-        run = run_to_end(command, workload.timeout_s)
+        run = run_to_end(command, workload.timeout_s, env=placement.env)
         m = Measurement(runner=self.name, status=ERROR, command=command, wall_s=run.wall_s,
                         log_tail=log_tail(run.log), peak_rss_bytes=run.peak_rss_bytes)
         m.build = binary_build(command[0])

@@ -38,7 +38,7 @@ from placetune.placement import Placement, render_server_command
 from placetune.runners.base import BAD_ARGS, ERROR, OK, TIMEOUT, Measurement, Stats, Workload, classify_failure
 from placetune.runners.binaries import binary_build, binary_help, exit_status, find_binary, reap
 from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail, overridden_tensors
-from placetune.runners.process import kill_group, spawn
+from placetune.runners.process import child_env, kill_group, spawn
 
 # Process flags, not placement: (flags, the --help text that shows this build has them). -lv 5 prints
 # the DEBUG `buffer type overridden` lines; plain lines (no prefix or timestamps) are what llamalog
@@ -90,7 +90,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def running_server(command: Sequence[str], port: int, timeout_s: float = 600.0,
+def running_server(command: Sequence[str], port: int, timeout_s: float = 600.0, env: Sequence[tuple[str, str]] = (),
                    host: str = "127.0.0.1") -> Iterator[Server]:
     """Start this exact command line, wait until GET /health answers 200, yield it, and always stop it.
 
@@ -103,7 +103,7 @@ def running_server(command: Sequence[str], port: int, timeout_s: float = 600.0,
     with tempfile.TemporaryFile() as log_file:
         # Append mode: the child shares the file offset with the parent's reads, but always writes at the end.
         fcntl.fcntl(log_file, fcntl.F_SETFL, fcntl.fcntl(log_file, fcntl.F_GETFL) | os.O_APPEND)
-        proc = spawn(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = spawn(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=child_env(env))
         server = Server(url=f"http://{host}:{port}", proc=proc, log_file=log_file)
         try:
             _wait_ready(server, started + timeout_s)
@@ -226,7 +226,7 @@ class LlamaServerRunner:
         started = time.monotonic()
         deadline = started + workload.timeout_s
         try:
-            with running_server(command, port, workload.timeout_s) as server:
+            with running_server(command, port, workload.timeout_s, env=placement.env) as server:
                 m.load_s = server.ready_s
                 try:
                     pp, tg, measure_s = self._time_requests(server.url, workload, deadline)

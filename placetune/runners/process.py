@@ -43,6 +43,14 @@ def spawn(command: Sequence[str], preexec: Callable[[], None] | None = None, **p
     return subprocess.Popen(list(command), start_new_session=True, preexec_fn=die_with_parent, **popen)
 
 
+def child_env(knobs: Sequence[tuple[str, str]] = ()) -> dict[str, str]:
+    """The environment of a llama.cpp child: placetune's own, without llama.cpp's LLAMA_ARG_* variables (they
+    would silently change the measured line), plus the placement's backend knobs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+    env.update(dict(knobs))
+    return env
+
+
 def kill_group(proc: subprocess.Popen[Any], sig: int = signal.SIGKILL) -> None:
     """Signal the child's whole process group (llama.cpp may fork helpers), ignoring one already gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
