@@ -132,16 +132,16 @@ def bench(
     anatomy = read_anatomy(model)
     if placement_file is not None and ctx.args:
         raise PlacetuneError("give the placement either as --placement FILE or as flags after --, not both")
-    placement = load_placement(placement_file) if placement_file else parse_flags(ctx.args)
-    workload = Workload(prompt_tokens, gen_tokens, depth, reps, warmups, timeout)
     rpc_servers = _rpc_list(rpc)
+    placement = load_placement(placement_file) if placement_file else parse_flags(ctx.args, rpc=rpc_servers)
+    workload = Workload(prompt_tokens, gen_tokens, depth, reps, warmups, timeout)
     runner = default_runner(runner)
     if any(o.buft != "CPU" for o in placement.overrides):
         from placetune.hardware import probe_machine
         from placetune.placement import check_buffer_types
 
         devices = probe_machine(rpc_servers, runner, llama_bin_dir).llama_devices
-        check_buffer_types(placement, [d.buffer_type for d in devices])
+        check_buffer_types(placement, [name for d in devices for name in (d.name, d.buffer_type)])
     measurer = get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers)
     if not as_json:
         console.print(f"measuring with {runner}: {' '.join(ctx.args) or '(llama.cpp defaults)'}", highlight=False)

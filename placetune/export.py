@@ -123,13 +123,13 @@ def export(plan: BestPlan, fmt: str = "server", host: str = "127.0.0.1", port: i
     if fmt == "bench":
         return _bench_line(plan, binary)
     if fmt == "flags":
-        flags = shlex.join(render_args(placement))
+        flags = shlex.join(render_args(placement, rpc=rpc))
         return flags + ("\n" + comment(f"and in the environment: {' '.join(render_env(placement))}")
                         if placement.env else "")
     if fmt == "ot":
         if not placement.overrides:
             raise PlacetuneError("this plan has no tensor overrides (-ot); use --format flags for its other flags")
-        return shlex.quote(render_ot(placement))
+        return shlex.quote(render_ot(placement, rpc))
     if fmt == "python":
         return _python_snippet(model, placement)
     if fmt == "llama-swap":

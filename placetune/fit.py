@@ -50,7 +50,7 @@ def fit_params(model: Path, margins: Sequence[int], n_ctx: int, slots: int = 1, 
         tail = (run.log.strip().splitlines() or ["no output"])[-1]
         raise FitUnavailable(f"llama-fit-params failed: {tail[:200]}")
     try:
-        placement = parse_flags(lines[-1])
+        placement = parse_flags(lines[-1], rpc=rpc)
     except PlacetuneError as exc:
         raise FitUnavailable(f"llama-fit-params answered {lines[-1]!r}, which placetune cannot read: {exc}") from None
     return FitAnswer(placement, lines[-1], tuple(command))

@@ -224,7 +224,7 @@ _KNOBS: tuple[_Knob, ...] = (
 )
 
 
-def _override_groups(placement: Placement) -> list[list[str] | int | None]:
+def _override_groups(placement: Placement, rpc: Sequence[str] = ()) -> list[list[str] | int | None]:
     """Overrides in order: lists of -ot rules, an int for --n-cpu-moe N, None for --cpu-moe."""
     out: list[list[str] | int | None] = []
     last = len(placement.overrides) - 1
@@ -234,7 +234,7 @@ def _override_groups(placement: Placement) -> list[list[str] | int | None]:
         if isinstance(o, ExpertRule) and o.is_n_cpu_moe and i == last:
             out.append(None if o.layers is None else len(o.layers))
             continue
-        rule = f"{o.pattern() if isinstance(o, ExpertRule) else o.pattern}={o.buft}"
+        rule = f"{o.pattern() if isinstance(o, ExpertRule) else o.pattern}={buffer_type(o.buft, rpc)}"
         if out and isinstance(out[-1], list):
             out[-1].append(rule)
         else:
@@ -242,8 +242,11 @@ def _override_groups(placement: Placement) -> list[list[str] | int | None]:
     return out
 
 
-def render_args(placement: Placement, tool: str = "server") -> list[str]:
-    """The placement as llama.cpp arguments for `server` (llama-server/llama-cli) or `bench` (llama-bench)."""
+def render_args(placement: Placement, tool: str = "server", rpc: Sequence[str] = ()) -> list[str]:
+    """The placement as llama.cpp arguments for `server` (llama-server/llama-cli) or `bench` (llama-bench).
+
+    rpc: the --rpc endpoints the line runs with, so that an override naming RPCk gets its buffer type name.
+    """
     if tool not in ("server", "bench"):
         raise ValueError(f"unknown tool {tool!r}")
     bench = tool == "bench"
@@ -253,7 +256,7 @@ def render_args(placement: Placement, tool: str = "server") -> list[str]:
     if placement.tensor_split is not None:
         sep = "/" if bench else ","
         args += ["-ts", sep.join(f"{x:g}" for x in placement.tensor_split)]
-    groups = _override_groups(placement)
+    groups = _override_groups(placement, rpc)
     if bench:
         rules = [r for g in groups if isinstance(g, list) for r in g]
         if None in groups:  # llama-bench has no --cpu-moe
@@ -297,12 +300,9 @@ def render_env(placement: Placement) -> list[str]:
     return [f"{name}={value}" for name, value in placement.env]
 
 
-def render_ot(placement: Placement) -> str:
+def render_ot(placement: Placement, rpc: Sequence[str] = ()) -> str:
     """Just the -ot value (llama-server spelling), with --n-cpu-moe rules written out as regexes."""
-    rules = []
-    for o in placement.overrides:
-        rules.append(f"{o.pattern() if isinstance(o, ExpertRule) else o.pattern}={o.buft}")
-    return ",".join(rules)
+    return ",".join(f"{rule_pattern(o)}={buffer_type(o.buft, rpc)}" for o in placement.overrides)
 
 
 def render_server_command(
@@ -326,7 +326,7 @@ def render_server_command(
         cmd += ["--port", str(port)]
     if rpc:
         cmd += ["--rpc", ",".join(rpc)]
-    args = render_args(placement, "server")
+    args = render_args(placement, "server", rpc)
     if placement.flash_attn is None:
         args += ["-fa", "auto"]
     if fit_off:
@@ -352,7 +352,7 @@ def render_bench_command(
         cmd += ["-d", str(depth)]
     if rpc:
         cmd += ["--rpc", ",".join(rpc)]
-    cmd += render_args(placement, "bench")
+    cmd += render_args(placement, "bench", rpc)
     if output:
         cmd += ["-o", output]
     return cmd
@@ -512,11 +512,12 @@ def _knob_value(knob: _Knob, raw: str, flag: str) -> Any:
     return raw
 
 
-def parse_flags(args: str | Sequence[str], tool: str = "server") -> Placement:
+def parse_flags(args: str | Sequence[str], tool: str = "server", rpc: Sequence[str] = ()) -> Placement:
     """Read llama-server (tool="server") or llama-bench (tool="bench") placement flags back into a Placement.
 
     A leading binary name and -m/--host/--port are skipped, so a whole command line works. The two tools
-    spell several -ot rules differently (',' vs ';'), so the caller says which spelling it holds.
+    spell several -ot rules differently (',' vs ';'), so the caller says which spelling it holds. An RPC
+    buffer type (`RPC0[host:port]`) is read as the device llama.cpp gives that endpoint in `rpc` (RPCk).
     Flags that are not about placement or runtime knobs are refused, never silently dropped.
     """
     tokens = shlex.split(args) if isinstance(args, str) else list(args)
@@ -550,7 +551,7 @@ def parse_flags(args: str | Sequence[str], tool: str = "server") -> Placement:
                     raise PlacetuneError(f"{flag} takes a layer count (0 or more), 'all' or 'auto', got {raw!r}")
                 values["n_gpu_layers"] = int(raw)
         elif flag in ("-ot", "--override-tensor"):
-            overrides += [_read_rule(p, b) for p, b in split_rules(take(flag), tool)]
+            overrides += [_read_rule(p, device_of(b, rpc) if "[" in b else b) for p, b in split_rules(take(flag), tool)]
         elif flag in ("-cmoe", "--cpu-moe"):
             overrides.append(ExpertRule(layers=None))
         elif flag in ("-ncmoe", "--n-cpu-moe"):
@@ -610,6 +611,32 @@ _CUDA_ROW_PADDING = 512  # MATRIX_ROW_PADDING: CUDA pads quantized rows so kerne
 _INDEX_CACHE_SIZE = 8
 
 
+def device_of(buft: str, rpc: Sequence[str] = ()) -> str:
+    """The device behind a buffer type name. The one place this is decided.
+
+    CPU_REPACK, AMX and pinned host buffers (CUDA_Host) are RAM. An RPC buffer type names the server's own
+    device and its endpoint (`RPC0[127.0.0.1:50052]`), while llama.cpp numbers RPC devices across the
+    --rpc list: with rpc given, the k-th endpoint is RPCk (one device per ggml-rpc-server).
+    """
+    name, _, rest = buft.partition("[")
+    name = name.strip()
+    if rest and rpc and rest.rstrip("]") in rpc:
+        return f"RPC{list(rpc).index(rest.rstrip(']'))}"
+    upper = name.upper()
+    if upper.startswith(("CPU", "AMX")) or upper.endswith("_HOST"):
+        return "CPU"
+    return name
+
+
+def buffer_type(device: str, rpc: Sequence[str] = ()) -> str:
+    """llama.cpp's buffer type name for a device an override names: RPCk is `RPC0[endpoint k]`, others as they
+    are (llama-server and llama-bench accept only buffer type names in -ot)."""
+    m = re.fullmatch(r"RPC(\d+)", device)
+    if m and int(m[1]) < len(rpc):
+        return f"RPC0[{rpc[int(m[1])]}]"
+    return device
+
+
 def rule_pattern(o: Override) -> str:
     """The regex of an override, as llama.cpp receives it."""
     return o.pattern() if isinstance(o, ExpertRule) else o.pattern
@@ -657,10 +684,10 @@ def _layer_slot(t: TensorInfo, n_layers: int) -> int:
 
 
 def tensor_buffer(t: TensorInfo, placement: Placement, layer_dev: Sequence[str]) -> str:
-    """The buffer type llama.cpp would give this tensor: first matching override, else its layer's device."""
+    """The device llama.cpp would put this tensor on: first matching override's, else its layer's device."""
     for o in placement.overrides:
         if re.search(rule_pattern(o), t.name):
-            return o.buft
+            return device_of(o.buft)
     slot = _layer_slot(t, len(layer_dev) - 1)
     return "CPU" if slot < 0 else layer_dev[slot]
 
@@ -761,9 +788,9 @@ def bytes_per_buffer(anatomy: Anatomy, placement: Placement, devices: Sequence[s
     taken: set[int] = set()
     for o in placement.overrides:
         for i in index.matching(o) - taken:
-            home = slot_dev[index.slots[i]]
+            home, there = slot_dev[index.slots[i]], device_of(o.buft)
             out[home] -= sizes_on(home)[i]
-            out[o.buft] = out.get(o.buft, 0) + sizes_on(o.buft)[i]
+            out[there] = out.get(there, 0) + sizes_on(there)[i]
         taken |= index.matching(o)
     if as_allocated and index.tied_head is not None and index.tied_head not in taken and layer_dev[-1] != "CPU":
         head = layer_dev[-1]
@@ -788,10 +815,10 @@ def matmul_bytes_per_layer(anatomy: Anatomy, placement: Placement, devices: Sequ
                 continue
             slot = index.slots[i]
             key = -1 if slot < 0 else slot
-            home = slot_dev[slot]
-            if home == device and o.buft != device:
+            home, there = slot_dev[slot], device_of(o.buft)
+            if home == device and there != device:
                 out[key] -= index.raw[i]
-            elif home != device and o.buft == device:
+            elif home != device and there == device:
                 out[key] = out.get(key, 0) + index.raw[i]
         taken |= index.matching(o)
     return {k: v for k, v in out.items() if v}

@@ -35,7 +35,7 @@ from rich.table import Table
 from placetune.anatomy import Anatomy, Group
 from placetune.errors import PlacetuneError
 from placetune.hardware import Gpu, Machine
-from placetune.placement import Placement, layer_devices, tensor_buffer
+from placetune.placement import Placement, device_of, layer_devices, tensor_buffer
 from placetune.units import human_bytes
 
 LABEL = "PREDICTED"
@@ -94,15 +94,6 @@ class Prediction:
             "seconds_per_token": self.seconds_per_token,
             "devices": [asdict(d) for d in self.devices],
         }
-
-
-def device_of(buft: str) -> str:
-    """The memory a buffer type lives in: CPU_REPACK, AMX and pinned host buffers (CUDA_Host) are RAM."""
-    name = buft.split("[", 1)[0].strip()
-    upper = name.upper()
-    if upper.startswith(("CPU", "AMX")) or upper.endswith("_HOST"):
-        return "CPU"
-    return name
 
 
 def read_bytes_by_device(anatomy: Anatomy, placement: Placement,

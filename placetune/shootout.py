@@ -168,7 +168,7 @@ def contenders(c: ShootoutConfig, measure_once: Callable[[Placement], Measuremen
                 if best is not None:
                     entries.append(best)
     for name, flags in c.lines:
-        entries.append(Entry(name, fixed(c, parse_flags(flags)), "--line"))
+        entries.append(Entry(name, fixed(c, parse_flags(flags, rpc=c.rpc)), "--line"))
     return _one_per_placement(entries)
 
 

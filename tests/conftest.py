@@ -124,3 +124,18 @@ def rpc_server(make_model: Callable[..., Path]) -> Iterator[str]:
         EmbeddedRunner(rpc=[endpoint]).measure(make_model("qwen3moe"), Placement(n_gpu_layers=999, repack=False),
                                                Workload(n_prompt=16, n_gen=16, repetitions=1, warmups=1))
         yield endpoint
+
+
+@pytest.fixture(scope="session")
+def rpc_pair(make_model: Callable[..., Path]) -> Iterator[tuple[str, str]]:
+    """Two real devices, RPC0 and RPC1: two ggml-rpc-servers on free loopback ports, warmed like rpc_server."""
+    from placetune.placement import Placement
+    from placetune.runners.base import Workload
+    from placetune.runners.embedded import EmbeddedRunner
+    from placetune.runners.rpc import rpc_server as start_rpc_server
+
+    with start_rpc_server() as first, start_rpc_server() as second:
+        EmbeddedRunner(rpc=[first, second]).measure(
+            make_model("qwen3moe"), Placement(n_gpu_layers=999, repack=False),
+            Workload(n_prompt=16, n_gen=16, repetitions=1, warmups=1))
+        yield first, second

@@ -165,7 +165,11 @@ def test_rules_split_as_each_tool_splits_them() -> None:
         check_buffer_types(p, ["CPU", "RPC0[127.0.0.1:5]"])
     with pytest.raises(PlacetuneError, match=r"'FOO0' is not one this llama\.cpp offers"):
         check_buffer_types(parse_flags(["-ot", "x=FOO0"]), ["CPU"])
-    check_buffer_types(parse_flags(["-ot", "x=RPC0[127.0.0.1:5]"]), ["CPU", "RPC0[127.0.0.1:5]"])
+    # An RPC buffer type is read as its device (RPCk, by the endpoint's place in --rpc) and rendered back.
+    ep = ["127.0.0.1:4", "127.0.0.1:5"]
+    p = parse_flags(["-ot", "x=RPC0[127.0.0.1:5]"], rpc=ep)
+    assert p.overrides[0].buft == "RPC1" and render_args(p, rpc=ep) == ["-ot", "x=RPC0[127.0.0.1:5]"]
+    check_buffer_types(p, ["CPU", "RPC0", "RPC0[127.0.0.1:4]", "RPC1", "RPC0[127.0.0.1:5]"])
 
 
 def test_older_spellings_are_read() -> None:

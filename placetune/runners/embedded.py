@@ -101,7 +101,7 @@ class EmbeddedRunner:
         log = worker.log()
         m = Measurement(runner=self.name, status="error", command=worker.command, wall_s=wall,
                         log_tail=log_tail(log))
-        m.reported = buffer_sizes(log)
+        m.reported = buffer_sizes(log, rpc=self.rpc)
         m.device_memory = m.reported.get("model", {})
         if result.get("status") == OK:
             m.status = OK
@@ -113,7 +113,7 @@ class EmbeddedRunner:
             m.build = {**result["build"], "id": embedded_build_id(result["build"]), "devices": result["devices"],
                        "threads": result["threads"],
                        "reused_model": result["reused_model"]}
-            m.tensor_buffers, m.placement_issues = check_placement(model, placement, log)
+            m.tensor_buffers, m.placement_issues = check_placement(model, placement, log, self.rpc)
             if not self.reuse:
                 self.close()
             return m

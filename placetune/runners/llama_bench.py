@@ -56,7 +56,8 @@ class LlamaBenchRunner:
         m = Measurement(runner=self.name, status=ERROR, command=command, wall_s=run.wall_s,
                         log_tail=log_tail(run.log), peak_rss_bytes=run.peak_rss_bytes)
         m.build = binary_build(command[0])
-        m.reported = buffer_sizes(run.log, peak=True)  # one context per test: the pp test's is the largest
+        # one context per test: the pp test's is the largest
+        m.reported = buffer_sizes(run.log, peak=True, rpc=self.rpc)
         m.device_memory = m.reported.get("model", {})
         tests = _jsonl(run.stdout)
         # llama-bench prints argument errors to stdout, and drops a bad -ot without failing when more
@@ -90,9 +91,9 @@ class LlamaBenchRunner:
             threads=first.get("n_threads"),
         )
         if self.fit_on:  # --fit chose the overrides: report where tensors went, there is no plan to check
-            m.tensor_buffers = overridden_tensors(run.log)
+            m.tensor_buffers = overridden_tensors(run.log, self.rpc)
         else:
-            m.tensor_buffers, m.placement_issues = check_placement(model, placement, run.log)
+            m.tensor_buffers, m.placement_issues = check_placement(model, placement, run.log, self.rpc)
         return m
 
 

@@ -238,7 +238,7 @@ class LlamaServerRunner:
         except ServerStartError as exc:
             m.wall_s = time.monotonic() - started
             m.log_tail = log_tail(exc.log)
-            m.reported = buffer_sizes(exc.log)
+            m.reported = buffer_sizes(exc.log, rpc=self.rpc)
             m.device_memory = m.reported.get("model", {})
             m.status, m.reason = classify_failure(exc.returncode, exc.log, exc.timed_out)
             if m.status == TIMEOUT:
@@ -247,16 +247,16 @@ class LlamaServerRunner:
         m.wall_s = time.monotonic() - started
         m.log_tail = log_tail(server.log)
         m.peak_rss_bytes = server.peak_rss_bytes
-        m.reported = buffer_sizes(server.log)
+        m.reported = buffer_sizes(server.log, rpc=self.rpc)
         m.device_memory = m.reported.get("model", {})
         rc = server.returncode
         crashed = rc is not None and rc < 0 and rc not in (-signal.SIGTERM, -signal.SIGKILL)
         if m.status == ERROR and (server.exited_by_itself or crashed):
             m.status, m.reason = classify_failure(server.returncode, server.log)
         if m.status == OK and self.fit_on:  # --fit chose the overrides: there is no plan to check them against
-            m.tensor_buffers = overridden_tensors(server.log)
+            m.tensor_buffers = overridden_tensors(server.log, self.rpc)
         elif m.status == OK:
-            m.tensor_buffers, m.placement_issues = check_placement(model, placement, server.log)
+            m.tensor_buffers, m.placement_issues = check_placement(model, placement, server.log, self.rpc)
         return m
 
     def measure_running(self, url: str, workload: Workload) -> Measurement:

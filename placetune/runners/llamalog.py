@@ -7,10 +7,11 @@ model loader), so one parser and one checker serve all three.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from placetune.anatomy import Anatomy, read_anatomy
-from placetune.placement import ExpertRule, Placement
+from placetune.placement import ExpertRule, Placement, device_of
 
 _OVERRIDDEN = re.compile(r"tensor (\S+) \([^)]*\) buffer type overridden to (\S+)")
 _BUFFER_SIZE = re.compile(r"^\S+:\s+(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+) MiB", re.M)
@@ -21,12 +22,12 @@ _CONTEXT_START = "llama_context: constructing llama_context"
 KINDS = ("model", "KV", "compute", "output", "RS")
 
 
-def overridden_tensors(log: str) -> dict[str, str]:
+def overridden_tensors(log: str, rpc: Sequence[str] = ()) -> dict[str, str]:
     """Tensor name -> buffer type, for every `buffer type overridden` line llama.cpp printed."""
-    return {m.group(1): _device_of(m.group(2)) for m in _OVERRIDDEN.finditer(log)}
+    return {m.group(1): device_of(m.group(2), rpc) for m in _OVERRIDDEN.finditer(log)}
 
 
-def buffer_sizes(log: str, peak: bool = False) -> dict[str, dict[str, int]]:
+def buffer_sizes(log: str, peak: bool = False, rpc: Sequence[str] = ()) -> dict[str, dict[str, int]]:
     """Kind (model, KV, compute, output, RS) -> device -> bytes, from llama.cpp's buffer size lines.
 
     Every device is listed, RPC servers included (`RPC0[host:port]` -> RPC0), and one device's lines of
@@ -42,36 +43,28 @@ def buffer_sizes(log: str, peak: bool = False) -> dict[str, dict[str, int]]:
     for buft, kind, mib in _BUFFER_SIZE.findall(model_log):
         if kind == "model":
             sizes = out.setdefault(kind, {})
-            sizes[_device_of(buft)] = sizes.get(_device_of(buft), 0) + round(float(mib) * 1024 * 1024)
+            sizes[device_of(buft, rpc)] = sizes.get(device_of(buft, rpc), 0) + round(float(mib) * 1024 * 1024)
     contexts = log.split(_CONTEXT_START)[1:] or [log]
     for context in contexts if peak else contexts[-1:]:
-        for kind, sizes in _context_sizes(context).items():
+        for kind, sizes in _context_sizes(context, rpc).items():
             for dev, size in sizes.items():
                 out.setdefault(kind, {})[dev] = max(out.get(kind, {}).get(dev, 0), size)
     return out
 
 
-def _context_sizes(context_log: str) -> dict[str, dict[str, int]]:
+def _context_sizes(context_log: str, rpc: Sequence[str]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for buft, kind, mib in _BUFFER_SIZE.findall(context_log):
         if kind != "model":
             sizes = out.setdefault(kind, {})
-            sizes[_device_of(buft)] = sizes.get(_device_of(buft), 0) + round(float(mib) * 1024 * 1024)
+            sizes[device_of(buft, rpc)] = sizes.get(device_of(buft, rpc), 0) + round(float(mib) * 1024 * 1024)
     fine: dict[str, int] = {}
     for buft, mib in _COMPUTE_FINE.findall(context_log):
         if float(mib) > 0:  # llama.cpp prints a line for every backend, also the ones that compute nothing
-            fine[_device_of(buft)] = fine.get(_device_of(buft), 0) + round(float(mib) * 1024 * 1024)
+            fine[device_of(buft, rpc)] = fine.get(device_of(buft, rpc), 0) + round(float(mib) * 1024 * 1024)
     if fine:
         out["compute"] = {**out.get("compute", {}), **fine}
     return out
-
-
-def _device_of(buft: str) -> str:
-    """Device behind a buffer type name: CPU_Mapped/CPU_REPACK -> CPU, `RPC0[127.0.0.1:5]` -> RPC0."""
-    name = buft.split("[", 1)[0]
-    if name.startswith("CPU") or name == "CUDA_Host":
-        return "CPU"
-    return name
 
 
 def expected_overrides(anatomy: Anatomy, placement: Placement) -> tuple[dict[str, str], list[str]]:
@@ -90,15 +83,16 @@ def expected_overrides(anatomy: Anatomy, placement: Placement) -> tuple[dict[str
     return asked, unmatched
 
 
-def check_placement(model: Path | str, placement: Placement, log: str) -> tuple[dict[str, str], list[str]]:
+def check_placement(model: Path | str, placement: Placement, log: str,
+                    rpc: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
     """Compare what llama.cpp reported with what the placement asked for; return reported map and issues."""
-    reported = overridden_tensors(log)
+    reported = overridden_tensors(log, rpc)
     asked, unmatched = expected_overrides(read_anatomy(model), placement)
     issues = [f"override {rule} matched no tensor in this model" for rule in unmatched]
     wrong = [
         f"{name}: asked for {buft}, llama.cpp put it on {reported.get(name, 'its layer device (no override applied)')}"
         for name, buft in asked.items()
-        if reported.get(name) != _device_of(buft)
+        if reported.get(name) != device_of(buft, rpc)
     ]
     stray = [f"{name}: overridden to {dev} though the placement did not ask for it"
              for name, dev in reported.items() if name not in asked]
