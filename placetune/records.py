@@ -9,7 +9,8 @@ def one_line_error(exc: ValidationError) -> str:
     """The first problem pydantic found, as `where: what` in user terms, plus how many more there are."""
     errors = exc.errors(include_url=False)
     first = errors[0]
-    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    where = ".".join(f"#{p + 1}" if isinstance(p, int) else str(p) for p in first["loc"]
+                     if not str(p).startswith("function-after"))
     message = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"

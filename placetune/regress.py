@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich import box
 from rich.table import Table
 from sqlalchemy.engine import make_url
@@ -35,6 +36,7 @@ from placetune.compare import FASTER, SLOWER, Comparison, compare
 from placetune.errors import PlacetuneError
 from placetune.hardware import Machine
 from placetune.placement import Placement, parse_flags, render_flags
+from placetune.records import one_line_error
 from placetune.results import load_best
 from placetune.runners.base import Measurement, Runner, Stats, Workload
 from placetune.storage import engine_options, first_line, mask_url
@@ -42,8 +44,6 @@ from placetune.storage import engine_options, first_line, mask_url
 METRICS = ("pp", "tg")
 BASELINES = ("recent", "pinned")
 REGRESSION, IMPROVEMENT, OK, NO_BASELINE, ERROR = "regression", "improvement", "ok", "no baseline", "error"
-_SUITE_KEYS = {"case", "workload", "runner"}
-_CASE_KEYS = {"name", "model", "flags", "best", "workload", "runner"}
 _WORKLOAD_KEYS = {f.name for f in fields(Workload)}
 
 # ---------------------------------------------------------------------------------------------
@@ -66,8 +66,55 @@ class Case:
         return tuple(m for m, n in (("pp", self.workload.n_prompt), ("tg", self.workload.n_gen)) if n) or METRICS
 
 
+class WorkloadSpec(BaseModel):
+    """A [workload] table: any of the Workload's fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_prompt: int | None = None
+    n_gen: int | None = None
+    depth: int | None = None
+    repetitions: int | None = None
+    warmups: int | None = None
+    timeout_s: float | None = None
+
+    def over(self, base: Workload) -> Workload:
+        return replace(base, **self.model_dump(exclude_none=True))
+
+
+class CaseSpec(BaseModel):
+    """One [[case]]: a model and flags, or a best.json (whose model and workload it takes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    model: str | None = None
+    flags: str | None = None
+    best: str | None = None
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
+    runner: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CaseSpec:
+        if (self.flags is None) == (self.best is None):
+            raise ValueError('give exactly one of flags = "..." or best = "best.json"')
+        if self.flags is not None and self.model is None:
+            raise ValueError('has flags but no model = "path.gguf"')
+        return self
+
+
+class SuiteFile(BaseModel):
+    """A suite: default workload and runner, and at least one case."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
+    runner: str | None = None
+    case: list[CaseSpec] = Field(min_length=1)
+
+
 def load_suite(path: Path) -> list[Case]:
-    """Cases from a suite TOML file, or one case per best.json under a results folder.
+    """Cases from a suite TOML file (validated as a typed record), or one case per best.json under a folder.
 
     Paths in a suite file are relative to the file, so it runs the same from any directory. A case
     that cannot be built (a missing best.json, bad flags) comes back with `error` set.
@@ -80,42 +127,36 @@ def load_suite(path: Path) -> list[Case]:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise PlacetuneError(f"{path} is not valid TOML: {exc}") from None
-    _check_keys(doc, _SUITE_KEYS, str(path))
-    defaults = _workload(Workload(), doc.get("workload", {}), f"{path} [workload]")
-    entries = doc.get("case", [])
-    if not isinstance(entries, list) or not entries:
+    if not doc.get("case"):
         raise PlacetuneError(f"{path} lists no cases; add [[case]] tables with name, model and flags (or best)")
-    cases: list[Case] = []
-    for i, entry in enumerate(entries, 1):
-        _check_keys(entry, _CASE_KEYS, f"{path} case {i}")
-        name = entry.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise PlacetuneError(f"{path} case {i} has no name; give every [[case]] a unique name = \"...\"")
-        if any(c.name == name for c in cases):
-            raise PlacetuneError(f"{path}: two cases are named {name!r}; names key the history, make them unique")
-        if ("flags" in entry) == ("best" in entry):
-            raise PlacetuneError(f"{path} case {name!r}: give exactly one of flags = \"...\" or best = \"best.json\"")
-        if "flags" in entry and "model" not in entry:
-            raise PlacetuneError(f"{path} case {name!r} has flags but no model = \"path.gguf\"")
-        cases.append(_toml_case(path.parent, name, entry, defaults, entry.get("runner", doc.get("runner"))))
-    return cases
-
-
-def _toml_case(root: Path, name: str, entry: dict[str, Any], workload: Workload, runner: str | None) -> Case:
-    """Workload keys: the suite's [workload], then a best.json's search workload, then the case's own."""
-    model = root / Path(entry["model"]).expanduser() if "model" in entry else None
     try:
-        if "best" in entry:
-            plan = load_best(root / Path(entry["best"]).expanduser())
+        suite = SuiteFile.model_validate(doc)
+        defaults = suite.workload.over(Workload())
+    except ValidationError as exc:
+        raise PlacetuneError(f"{path}: {one_line_error(exc)}") from None
+    names = [c.name for c in suite.case]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise PlacetuneError(f"{path}: two cases are named {twice[0]!r}; names key the history, make them unique")
+    return [_toml_case(path.parent, c, defaults, c.runner or suite.runner) for c in suite.case]
+
+
+def _toml_case(root: Path, spec: CaseSpec, workload: Workload, runner: str | None) -> Case:
+    """Workload keys: the suite's [workload], then a best.json's search workload, then the case's own."""
+    model = root / Path(spec.model).expanduser() if spec.model else None
+    try:
+        if spec.best is not None:
+            plan = load_best(root / Path(spec.best).expanduser())
             placement = plan.placement
             model = model or Path(plan.model_path)
-            workload = _workload(workload, plan.data.get("workload", {}), f"{entry['best']} workload")
+            workload = replace(workload, **{k: v for k, v in plan.data.get("workload", {}).items()
+                                            if k in _WORKLOAD_KEYS})
         else:
-            placement = parse_flags(entry["flags"])
-        workload = _workload(workload, entry.get("workload", {}), f"case {name!r} workload")
+            placement = parse_flags(spec.flags or "")
+        workload = spec.workload.over(workload)
     except PlacetuneError as exc:
-        return Case(name, model, Placement(), workload, runner, error=str(exc))
-    return Case(name, model, placement, workload, runner)
+        return Case(spec.name, model, Placement(), workload, runner, error=str(exc))
+    return Case(spec.name, model, placement, workload, runner)
 
 
 def _cases_from_results(root: Path) -> list[Case]:
@@ -125,26 +166,13 @@ def _cases_from_results(root: Path) -> list[Case]:
         name = root.resolve().name if name == "." else name
         try:
             plan = load_best(best)
-            workload = _workload(Workload(), plan.data.get("workload", {}), str(best))
+            workload = Workload.from_dict(plan.data.get("workload", {}))
             cases.append(Case(name, Path(plan.model_path), plan.placement, workload))
         except PlacetuneError as exc:
             cases.append(Case(name, None, Placement(), Workload(), error=str(exc)))
     if not cases:
         raise PlacetuneError(f"no best.json under {root}; run `placetune search` first or give a suite .toml")
     return cases
-
-
-def _check_keys(table: Any, allowed: set[str], where: str) -> None:
-    if not isinstance(table, dict):
-        raise PlacetuneError(f"{where} must be a table")
-    unknown = set(table) - allowed
-    if unknown:
-        raise PlacetuneError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
-
-
-def _workload(base: Workload, overrides: dict[str, Any], where: str) -> Workload:
-    _check_keys(overrides, _WORKLOAD_KEYS, where)
-    return replace(base, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_missing_model_is_an_error_with_exit_2_and_the_other_cases_still_run(tmp
 def test_suite_errors_are_one_line(tmp_path: Path, tiny_moe: Path) -> None:
     bad = tmp_path / "bad.toml"
     for body, message in [
-        ('[[case]]\nname = "a"\nmodel = "m.gguf"\nflags = "-t 1"\nthreads = 2\n', "unknown key(s) ['threads']"),
+        ('[[case]]\nname = "a"\nmodel = "m.gguf"\nflags = "-t 1"\nthreads = 2\n', "case.#1.threads: unknown key"),
         ('[[case]]\nname = "a"\nmodel = "m.gguf"\n', "exactly one of flags"),
         ('[[case]]\nname = "a"\nflags = "-t 1"\nmodel = "m"\n[[case]]\nname = "a"\nflags = ""\nmodel = "m"\n',
          "two cases are named 'a'"),

@@ -372,3 +372,30 @@ def test_an_infrastructure_failure_is_not_a_result_and_is_retried_on_resume(tiny
     (retry,) = [t for t in trials if t.system_attrs.get("retry_history") == [lost.number]]
     assert retry.state.name == "COMPLETE" and retry.user_attrs.get("name") == lost.user_attrs.get("name")
     assert len(counted(trials)) == 6  # the lost trial does not count; its retry does
+
+
+class RunsOutOfMemory(LandscapeRunner):
+    """Everything with more than half the model on the accelerator runs out of memory, whatever was predicted."""
+
+    def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
+        on_accel = sum(v for k, v in bytes_per_buffer(self.anatomy, placement, self.devices).items() if k != "CPU")
+        if on_accel > self.anatomy.total_bytes / 2:
+            self.calls += 1
+            return Measurement("fake", "oom", reason="CUDA error: out of memory")
+        return super().measure(model, placement, workload)
+
+
+def test_an_out_of_memory_trial_widens_the_margin_for_the_rest_of_the_study(tiny_moe: Path, tmp_path: Path) -> None:
+    anatomy = read_anatomy(tiny_moe)
+    notes: list[str] = []
+    cfg = config(anatomy, tiny_moe, tmp_path, n_trials=12, margin=0, study_name="s", on_note=notes.append)
+    search = Search(cfg, RunsOutOfMemory(anatomy, cfg.devices))
+    search.enqueue_seeds()
+    search.run()
+    oom = [t for t in search.study.trials if t.user_attrs.get("status") == "oom"]
+    assert oom and search.margins.widened["RPC0"] > 0
+    assert any("out of memory where the memory model predicted a fit" in n for n in notes)
+    # A resumed study remembers: the margins are rebuilt from its out-of-memory trials.
+    again = Search(replace(cfg, allow_colocated=True), RunsOutOfMemory(anatomy, cfg.devices))
+    assert again.margins.widened == search.margins.widened
+    assert any("margins widened by earlier out-of-memory trials" in n for n in again.notes)
