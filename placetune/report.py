@@ -455,8 +455,7 @@ def summary_frame(inputs: ReportInputs, trials: pd.DataFrame, predicted: pd.Data
                          "tg_spread": tg.get("spread"), "winner/this": ratio, "flags": r.get("flags", "")})
         frame = pd.DataFrame(rows)
     else:
-        done = trials[(trials["state"] == "COMPLETE") & trials["repeat_of"].isna()] if "repeat_of" in trials \
-            else trials[trials["state"] == "COMPLETE"]
+        done = trials[trials["state"] == "COMPLETE"]  # a baseline repeating another's placement keeps its name
         seeds = done[done["role"].isin(["baseline", "candidate"])] if "role" in done else done.iloc[:0]
         if done.empty:
             return pd.DataFrame()

@@ -184,11 +184,14 @@ def test_missing_binary_is_a_one_line_error(tmp_path: Path, tiny_moe: Path, monk
         with pytest.raises(PlacetuneError) as info:
             get_runner(runner, bin_dir=empty).measure(tiny_moe, BASE, TINY)
         message = str(info.value)
-        assert "\n" not in message and f"{runner} not found in {empty}" in message
-        assert "--llama-bin-dir" in message
+        assert "\n" not in message and f"no executable {runner} there" in message
+        assert "--llama-bin-dir" in message and "the only place looked" in message
+        with pytest.raises(PlacetuneError) as info:  # without --llama-bin-dir: PATH, then the package
+            get_runner(runner).measure(tiny_moe, BASE, TINY)
+        assert f"{runner} not found in PATH" in str(info.value)
 
 
-def test_find_binary_prefers_bin_dir_then_path_then_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_find_binary_looks_only_in_bin_dir_else_path_then_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = tmp_path / "llama-bench"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
@@ -198,6 +201,8 @@ def test_find_binary_prefers_bin_dir_then_path_then_package(tmp_path: Path, monk
     assert packaged.name == "llama-bench" and packaged.parent == binaries.package_bin_dir()
     monkeypatch.setenv("PATH", str(tmp_path))
     assert find_binary("llama-bench") == fake.resolve()
+    with pytest.raises(PlacetuneError, match="only place looked"):  # a named folder never falls back to PATH
+        find_binary("llama-server", tmp_path)
 
 
 def test_binary_build_reads_version_and_backends() -> None:
