@@ -342,7 +342,8 @@ class ShootoutResult:
             ref = self.reference(depth)
             lines += [f"## depth {depth}", "",
                       f"Ratios are {ref.name if ref else 'the reference'}'s requests per second over each row's, "
-                      "with the 95% interval and the verdict (placetune.compare).", "",
+                      "with the 95% interval (placetune.compare): 'faster' means the reference is faster than that "
+                      "row beyond the noise.", "",
                       "| contender | flags | pp t/s | tg t/s | s per request | reference/this |",
                       "|---|---|---:|---:|---:|---|"]
             for r in self.rows(depth):
