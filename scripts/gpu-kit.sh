@@ -5,7 +5,8 @@
 #   scripts/gpu-kit.sh pack                     here (network once, then pip's and the kit's caches): into .gpukit/
 #   scripts/gpu-kit.sh run-all OUTDIR           there, the same command every call until it says "finished":
 #                                               build model run-search run-shootout report OUTDIR save OUTDIR
-#   scripts/gpu-kit.sh STEP [STEP ...]          build | model | run-search | run-shootout | report OUTDIR | save OUTDIR
+#   scripts/gpu-kit.sh STEP [STEP ...]          build | model | run-search | run-shootout | report OUTDIR;
+#                                               save OUTDIR (at the end of the call, even after a failure)
 #   scripts/gpu-kit.sh --dry-run all           on a CPU: pack, install into a fresh venv, then every step on a
 #                                               tiny model with ggml-rpc-server on 127.0.0.1 standing in for CUDA0
 #
@@ -372,7 +373,7 @@ finish() {
     exit "$code"
 }
 
-usage() { sed -n '2,16p' "$HERE/gpu-kit.sh" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$HERE/gpu-kit.sh"; }
 
 main() {
     while [ $# -gt 0 ]; do
@@ -397,6 +398,11 @@ main() {
     exec > >(tee -a "$WORK/gpukit.log") 2>&1
     trap finish EXIT
     say "steps: $* (this call may use ${CALL_S} s; work in $WORK)"
+    local arg prev=""
+    for arg in "$@"; do  # save runs last, whatever happens: a failed step's call still brings its state back
+        [ "$prev" = save ] && SAVE_TO=$arg
+        prev=$arg
+    done
     while [ $# -gt 0 ]; do
         local step=$1; shift
         case $step in
@@ -410,7 +416,7 @@ main() {
                 local out=$1; shift
                 case $step in
                     report) step_report "$out" ;;
-                    save) step_save "$out" ;;
+                    save) ;;
                     run-all) SAVE_TO=$out; restore_state
                         if all_measured; then say "build: not needed, everything is measured"; else step_build; fi
                         step_model; step_search; step_shootout; step_report "$out" ;;
