@@ -263,7 +263,9 @@ step_search() {
     local t0 used
     t0=$(date +%s)
     logged $(($(left) - SAVE_RESERVE_S)) search "$MODEL" --runner llama-bench --llama-bin-dir "$BIN" "${DEV[@]}" \
-        --budget "$BUDGET" --ctx "$CTX" "${WORKLOAD[@]}" "${SEARCH[@]}" --timeout "$limit" --out "$dir" || code=$?
+        --budget "$BUDGET" --ctx "$CTX" "${WORKLOAD[@]}" "${SEARCH[@]}" --timeout "$limit" --out "$dir" \
+        2>"$WORK/search.err" || code=$?
+    cat "$WORK/search.err" >&2
     used=$(($(date +%s) - t0))
     spent=$((spent + (used < limit ? used : limit)))  # the final round is not the search's budget
     echo "$spent" >"$dir/spent_s"
@@ -278,7 +280,7 @@ step_search() {
         124|130|143) say "run-search: stopped at this call's deadline; the study resumes in the next call"
             PENDING+=(run-search) ;;
         2)  # placetune's one-line error: no winner (or bad input, which the kit's own settings rule out)
-            echo "the search ended without a winner (exit 2; its message is in the log)" >"$dir/FAILED"
+            tail -1 "$WORK/search.err" | sed 's/^placetune: error: //' >"$dir/FAILED"
             say "run-search: no winner; the shootout runs without placetune's row and the report says so"
             DONE_STEPS+=(run-search) ;;
         *)  die "placetune search failed (exit $code)" ;;

@@ -182,8 +182,11 @@ def pip(args: list[str]) -> None:
 
 def tree_bytes(repo: Path) -> int:
     """What a device call sends besides carried paths: tracked and untracked-not-ignored files."""
-    listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            capture_output=True, check=True).stdout.split(b"\0")
+    done = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                          capture_output=True)
+    if done.returncode:
+        raise KitError(f"{repo} is not a git checkout: pack from the checkout whose tree the device calls send")
+    listed = done.stdout.split(b"\0")
     total = 0
     for name in filter(None, listed):
         path = repo / os.fsdecode(name)
@@ -391,8 +394,8 @@ def report(runs: Path, out: Path, pack_dir: Path, kit_command: str) -> Path:
     shoot = runs / "shootout"
     summary = json.loads((shoot / "shootout.json").read_text())
     table = (shoot / "shootout.md").read_text().split("\n", 2)[2].replace("\n## ", "\n### ")  # under this title
-    best_files = sorted((runs / "search").glob("*/*/best.json"))
-    best = json.loads(best_files[0].read_text()) if best_files else None
+    best_files = sorted((runs / "search").glob("*/*/best.json"), key=lambda p: p.stat().st_mtime)
+    best = json.loads(best_files[-1].read_text()) if best_files else None  # the study the shootout used
     failed = (runs / "search" / "FAILED").read_text().strip() if (runs / "search" / "FAILED").exists() else ""
     pack_info = json.loads((pack_dir / "pack.json").read_text()) if (pack_dir / "pack.json").is_file() else {}
     commands = [json.loads(x) for x in (runs / "commands.jsonl").read_text().splitlines() if x.strip()]
