@@ -311,9 +311,13 @@ def shootout(
     llama_bin_dir: BinDirOpt = None,
     rpc: RpcOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for shootout.md and shootout.jsonl (default: results/shootout/<model>).")] = Path(),
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the measurements already in OUT/shootout.journal.jsonl (same model, workload, budgets, runner and machine) and take only the rest.")] = False,
 ) -> None:
     """placetune's winner against llama.cpp's own answers (--fit, llama-fit-params, --cpu-moe, the best
-    --n-cpu-moe N first and last) and your lines, interleaved, on equal memory, with intervals."""
+    --n-cpu-moe N first and last) and your lines, interleaved, on equal memory, with intervals.
+
+    Every measurement is journaled as it is taken: after a stop, the same command with --resume goes on
+    where it stopped."""
     from placetune import shootout as so
     from placetune.anatomy import read_anatomy
     from placetune.budgets import MIB, parse_budgets
@@ -341,6 +345,7 @@ def shootout(
     machine = probe_machine(rpc_servers, runner, llama_bin_dir)
     budgets = parse_budgets(budget or [], [d.name for d in machine.llama_devices])
     lines = [so.parse_line(text) for text in line or []]
+    folder = out if out != Path() else Path("results") / "shootout" / model.stem
     held = {f"CUDA{g.index}" for g in machine.gpus}
     margin = next((-(-(d.free_bytes - budgets[d.name]) // MIB) for d in machine.accelerators
                    if d.name in budgets and d.name not in held), None)
@@ -348,7 +353,8 @@ def shootout(
         model=model.resolve(), anatomy=anatomy, machine=machine, workload=workload, depths=depths, serving=serving,
         runner=get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers),
         fit_runner=get_fit_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers, margin_mib=margin),
-        budgets=budgets, rpc=rpc_servers, bin_dir=llama_bin_dir, rounds=rounds, lines=lines)
+        budgets=budgets, rpc=rpc_servers, bin_dir=llama_bin_dir, rounds=rounds, lines=lines,
+        journal=folder / so.JOURNAL, resume=resume)
     if best is not None:
         config.winner = ("placetune's winner (best.json)", serving.apply(load_best(best).placement))
     elif search_minutes is not None:
@@ -358,7 +364,6 @@ def shootout(
         console.print(text, highlight=False, markup=False)
 
     result = so.run(config, on_progress=say)
-    folder = out if out != Path() else Path("results") / "shootout" / model.stem
     label = (f"{', '.join(g.name for g in machine.gpus) or 'no GPU'}, {machine.cpu_model}, "
              f"{machine.physical_cores} cores (fingerprint {machine.fingerprint()})")
     paths = so.write(result, folder, label)

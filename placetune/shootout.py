@@ -10,6 +10,9 @@ Equal memory for everyone: on a CUDA device a --budget is enforced by holding ba
 card (holdback.py), so llama.cpp's own placements see the same card as placetune. Other devices
 (RPC) cannot be held back: there --fit gets the budget as its margin (-fitt), and a fixed line the
 memory model says cannot fit is reported as not fitting instead of being given more memory.
+
+Every measurement is written to a journal as it is taken, so a shootout stopped by a deadline (the GPU
+kit's 10-minute calls) or a crash resumes where it stopped with --resume.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from placetune.holdback import held_back
 from placetune.memory import DEFAULT_MARGIN, check_fit, predict_memory
 from placetune.placement import ALL_LAYERS, ExpertRule, Placement, parse_flags, render_flags
 from placetune.runners.base import Measurement, Runner, Stats, Workload
+from placetune.runners.llama_bench import FIT_MARGIN_MIB
 from placetune.search.config import Serving
 from placetune.space import moe_layers
 
 SWEEP_POINTS = (0, 1, 2, 4, 8)  # --n-cpu-moe N0 + these, N0 the fewest expert layers in RAM that fit
 OUT_OF_THE_BOX = "llama.cpp out of the box (-c only, --fit on)"
+JOURNAL = "shootout.journal.jsonl"
 
 
 @dataclass
@@ -80,6 +85,8 @@ class ShootoutConfig:
     rounds: int = 2
     lines: Sequence[tuple[str, str]] = ()
     winner: tuple[str, Placement] | None = None
+    journal: Path | None = None  # every measurement as it is taken (None: not kept)
+    resume: bool = False  # take the journal's measurements instead of measuring them again
 
     @property
     def devices(self) -> list[str]:
@@ -136,8 +143,18 @@ def latency_s(m: Measurement, w: Workload) -> float:
     return 1 / float(np.median(rates)) if rates else math.inf
 
 
+def fit_params_margins(c: ShootoutConfig, held: set[str]) -> list[int]:
+    """llama-fit-params' -fitt margins (MiB), in llama.cpp's device order. A held-back card already is the
+    budget's size, so it gets llama.cpp's own default margin, as --fit does; elsewhere the budget becomes the
+    margin (free memory minus the budget)."""
+    free = sorted(((d.name, d.free_bytes) for d in c.machine.accelerators), key=lambda d: not d[0].startswith("RPC"))
+    budgets = {dev: size for dev, size in c.budgets.items() if dev not in held}
+    margins = fit_margins(free, budgets, DEFAULT_MARGIN)
+    return [FIT_MARGIN_MIB if name in held else margin for (name, _), margin in zip(free, margins, strict=True)]
+
+
 def contenders(c: ShootoutConfig, measure_once: Callable[[Placement], Measurement],
-               notes: list[str]) -> list[Entry]:
+               notes: list[str], held: set[str] | None = None) -> list[Entry]:
     """Every contender, sweeps measured (once each, at the first depth) to pick their best N."""
     entries: list[Entry] = []
     if c.winner is not None:
@@ -151,10 +168,8 @@ def contenders(c: ShootoutConfig, measure_once: Callable[[Placement], Measuremen
     elif c.devices:
         notes.append("the embedded runner cannot run --fit; llama-fit-params' answer below is what it places")
     if c.devices:
-        free = sorted(((d.name, d.free_bytes) for d in c.machine.accelerators),
-                      key=lambda d: not d[0].startswith("RPC"))
         try:
-            answer = fit_params(c.model, fit_margins(free, c.budgets, DEFAULT_MARGIN), c.serving.ctx, 1,
+            answer = fit_params(c.model, fit_params_margins(c, held or set()), c.serving.ctx, 1,
                                 rpc=c.rpc, bin_dir=c.bin_dir)
             entries.append(Entry("llama-fit-params' answer", c.serving.apply(answer.placement),
                                  f"printed: {answer.line}"))
@@ -235,18 +250,77 @@ def over_budget(c: ShootoutConfig, m: Measurement, held: set[str]) -> str:
     return ""
 
 
+class Journal:
+    """Every measurement of a shootout, written as it is taken, so that a stopped run resumes where it stopped.
+
+    The first line names what the measurements mean (model, workload, budgets, runner, machine); a journal
+    written with other settings is refused instead of mixed in. Each later line is one measurement under a
+    key naming what was measured (a sweep point, or a contender's round at a depth).
+    """
+
+    def __init__(self, c: ShootoutConfig) -> None:
+        self.path = c.journal
+        self.identity = {"model": str(c.model), "header_hash": c.anatomy.header_hash,
+                         "workload": {k: v for k, v in c.workload.to_dict().items() if k != "timeout_s"},
+                         "budgets": c.budgets, "runner": c.runner.name, "machine": c.machine.fingerprint()}
+        self.done: dict[str, Measurement] = {}
+        if self.path is None:
+            return
+        if c.resume and self.path.exists():
+            self._load()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.identity) + "\n", encoding="utf-8")
+
+    def _load(self) -> None:
+        assert self.path is not None
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        head = json.loads(lines[0]) if lines else {}
+        changed = sorted(k for k in self.identity if head.get(k) != self.identity[k])
+        if changed:
+            raise PlacetuneError(f"--resume: {self.path} was measured with another {', '.join(changed)}; "
+                                 "drop --resume to start over, or give another --out")
+        kept = [lines[0]]
+        for line in lines[1:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed while writing it
+                break
+            self.done[record["key"]] = Measurement.from_dict(record["measurement"])
+            kept.append(line)
+        self.path.write_text("\n".join(kept) + "\n", encoding="utf-8")
+
+    def measure(self, key: str, take: Callable[[], Measurement]) -> tuple[Measurement, bool]:
+        """The journal's measurement under key, else a new one (written at once); True when it came from the
+        journal."""
+        if key in self.done:
+            return self.done[key], True
+        m = take()
+        self.done[key] = m
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"key": key, "measurement": m.to_dict()}) + "\n")
+        return m, False
+
+
 def run(c: ShootoutConfig, on_progress: Callable[[str], None] | None = None) -> ShootoutResult:
     """Pick the contenders, then measure them interleaved at each depth for `rounds` rounds."""
     say = on_progress or (lambda _: None)
     notes: list[str] = []
+    journal = Journal(c)
+    if journal.done:
+        notes.append(f"resumed: {len(journal.done)} measurement(s) taken from {c.journal}")
     with equal_memory(c, notes) as held:
         def measure_once(placement: Placement) -> Measurement:
-            m = c.runner.measure(c.model, placement, c.at_depth(c.depths[0]))
+            w = c.at_depth(c.depths[0])
+            m, kept = journal.measure(f"sweep at depth {w.depth}: {render_flags(placement)}",
+                                      lambda: c.runner.measure(c.model, placement, w))
             say(f"sweep {render_flags(placement)} -> "
-                + (f"{latency_s(m, c.at_depth(c.depths[0])):.3f} s per request" if m.ok else f"{m.status}"))
+                + (f"{latency_s(m, w):.3f} s per request" if m.ok else f"{m.status}")
+                + (" (journal)" if kept else ""))
             return m
 
-        entries = contenders(c, measure_once, notes)
+        entries = contenders(c, measure_once, notes, held)
         for depth in c.depths:
             w = c.at_depth(depth)
             for r in range(c.rounds):
@@ -255,14 +329,19 @@ def run(c: ShootoutConfig, on_progress: Callable[[str], None] | None = None) -> 
                         continue
                     runner = c.fit_runner if e.fit_on else c.runner
                     assert runner is not None
-                    m = runner.measure(c.model, e.placement or Placement(), w)
+                    placement = e.placement or Placement()
+                    what = ("--fit on " if e.fit_on else "") + render_flags(placement)
+                    m, kept = journal.measure(f"round {r + 1} at depth {depth}: {what}",
+                                              lambda runner=runner, placement=placement, w=w:
+                                              runner.measure(c.model, placement, w))
                     e.runs.setdefault(depth, []).append(m)
                     over = over_budget(c, m, held)
                     if not m.ok or over:
                         e.status = "does not fit" if m.status == "oom" or over else m.status
                         e.reason = over or m.reason
                     say(f"depth {depth} round {r + 1}: {e.name} -> "
-                        + (f"pp {m.pp.median:.1f} tg {m.tg.median:.1f}" if m.ok else f"{m.status}: {m.reason}"))
+                        + (f"pp {m.pp.median:.1f} tg {m.tg.median:.1f}" if m.ok else f"{m.status}: {m.reason}")
+                        + (" (journal)" if kept else ""))
     return ShootoutResult(c, entries, notes)
 
 
@@ -328,6 +407,15 @@ class ShootoutResult:
                            "pp_samples": list(m.pp.samples), "tg_samples": list(m.tg.samples),
                            "command": m.command, "build": m.build.get("id"), "reported": m.reported}
 
+    def summary(self, machine_label: str) -> dict[str, Any]:
+        """shootout.json: the tables as data (every row against the reference at each depth), for reports."""
+        c = self.config
+        return {"model": str(c.model), "machine": machine_label, "runner": c.runner.name,
+                "workload": c.workload.to_dict(), "serving": c.serving.to_dict(), "budgets": c.budgets,
+                "rounds": c.rounds, "notes": self.notes,
+                "depths": [{"depth": d, "reference": ref.name if (ref := self.reference(d)) else None,
+                            "rows": [r.to_dict() for r in self.rows(d)]} for d in c.depths]}
+
     def markdown(self, machine_label: str) -> str:
         """shootout.md: one table per depth, every figure with its spread, every ratio with its interval."""
         c = self.config
@@ -363,8 +451,9 @@ def _cell(text: str) -> str:
 
 def write(result: ShootoutResult, out: Path, machine_label: str) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out / "shootout.md", "raw": out / "shootout.jsonl"}
+    paths = {"markdown": out / "shootout.md", "raw": out / "shootout.jsonl", "summary": out / "shootout.json"}
     paths["markdown"].write_text(result.markdown(machine_label) + "\n", encoding="utf-8")
+    paths["summary"].write_text(json.dumps(result.summary(machine_label), indent=1) + "\n", encoding="utf-8")
     with open(paths["raw"], "w", encoding="utf-8") as fh:
         for record in result.records():
             fh.write(json.dumps(record) + "\n")

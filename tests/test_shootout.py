@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from placetune.hardware import LlamaDevice, Machine
 from placetune.placement import parse_flags
 from placetune.runners.base import Measurement
-from placetune.shootout import OUT_OF_THE_BOX, ShootoutConfig, over_budget
+from placetune.shootout import JOURNAL, OUT_OF_THE_BOX, ShootoutConfig, fit_params_margins, over_budget
 
 CLI = [sys.executable, "-c", "from placetune.cli import main; main()"]
 SHORT = ["-p", "16", "-n", "4", "-r", "2", "--warmups", "1", "--rounds", "1"]
@@ -46,6 +47,36 @@ def test_shootout_on_cpu_says_placement_barely_matters(tiny_moe: Path, tmp_path:
     assert proc.returncode == 0, proc.stderr + proc.stdout
     md = (tmp_path / "shootout.md").read_text()
     assert "placement barely matters" in md and OUT_OF_THE_BOX in md and "one thread" in md
+
+
+def test_a_stopped_shootout_resumes_from_its_journal(tiny_moe: Path, tmp_path: Path) -> None:
+    args = [str(tiny_moe), "--runner", "llama-bench", "--line", "one thread=-t 1 --no-repack", "--out", str(tmp_path),
+            *SHORT]
+    assert shootout(*args).returncode == 0
+    journal = tmp_path / JOURNAL
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 3  # what was measured, then out of the box and the line, one round each
+    journal.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:40])  # stopped while writing the last
+    proc = shootout(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "resumed: 1 measurement(s)" in proc.stdout and proc.stdout.count("(journal)") == 1
+    assert len(journal.read_text().splitlines()) == 3
+    summary = json.loads((tmp_path / "shootout.json").read_text())
+    assert [d["depth"] for d in summary["depths"]] == [0] and len(summary["depths"][0]["rows"]) == 2
+    refused = shootout(*[a if a != "16" else "8" for a in args], "--resume")
+    assert refused.returncode == 2 and "measured with another workload" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_llama_fit_params_sees_a_held_back_card_as_llama_cpp_would() -> None:
+    config = ShootoutConfig.__new__(ShootoutConfig)
+    config.machine = Machine("m", "cpu", 2, 2, 2**34, 2**34, llama_devices=[
+        LlamaDevice("CUDA0", "gpu", "CUDA0", 80 * 2**30, 80 * 2**30),
+        LlamaDevice("RPC0", "rpc", "RPC0", 1024 * 2**20, 1024 * 2**20)])
+    config.budgets = {"CUDA0": 12 * 2**30, "RPC0": 64 * 2**20}
+    # RPC devices come first in llama.cpp's order; the held-back card is already 12 GiB: llama.cpp's own margin
+    assert fit_params_margins(config, held={"CUDA0"}) == [960, 1024]
+    assert fit_params_margins(config, held=set()) == [960, 68 * 1024]
 
 
 def test_a_budget_that_cannot_be_held_is_checked_against_what_llama_cpp_allocated() -> None:
