@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 test: install
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
-	$(PY) -m ruff check placetune tests
+	$(PY) -m ruff check placetune tests scripts
 	$(PY) -m pytest -q
 
 demo: install

@@ -191,7 +191,8 @@ def test_missing_binary_is_a_one_line_error(tmp_path: Path, tiny_moe: Path, monk
         assert f"{runner} not found in PATH" in str(info.value)
 
 
-def test_find_binary_looks_only_in_bin_dir_else_path_then_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_find_binary_looks_only_in_bin_dir_else_path_then_package(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     fake = tmp_path / "llama-bench"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
