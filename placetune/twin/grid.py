@@ -21,12 +21,13 @@ as model.speeds slows it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from placetune.placement import Placement
+from placetune.anatomy import Group
+from placetune.placement import Placement, allocated_bytes
 from placetune.runners.base import Workload
 from placetune.twin.capacity import GPU, HiddenError, placetune_need
 from placetune.twin.machine import TwinMachine
@@ -39,7 +40,7 @@ from placetune.twin.model import (
     thread_scale,
     token_times,
 )
-from placetune.twin.shape import KIND_PARTS, ModelShape
+from placetune.twin.shape import KIND_PARTS, ModelShape, expert_part
 
 REFERENCE_SPACE = "v1"
 UBATCHES = (256, 512, 1024, 2048)
@@ -140,7 +141,6 @@ def evaluate(shape: ModelShape, machine: TwinMachine, workload: Workload, n_ctx:
     per_set_bytes = _prefix(shape.expert_bytes[moe])  # (n_moe+1, 4)
     per_set_params = _prefix(shape.expert_params[moe])  # (n_moe+1, 2)
     total_read = by_layer[-1, 0] + af * by_layer[-1, 1] + shape.output_read + shape.host_read
-    total_bytes = shape.anatomy.total_bytes
     total_params = by_layer[-1, 2]
 
     knobs = Knobs(ubatch=np.minimum(np.array(UBATCHES, dtype=float), max(workload.n_prompt, 1))[:, None, None, None],
@@ -148,8 +148,7 @@ def evaluate(shape: ModelShape, machine: TwinMachine, workload: Workload, n_ctx:
                   op_offload=np.array(OP_OFFLOAD)[None, None, None, :], kv_row=kv_row_bytes(shape, Placement()))
     threads = best_threads(machine.cores)
     scale = float(thread_scale(threads, machine.cores))
-    compute_a, compute_v = _compute_buffers(shape, n_ctx)  # (ub, fa) each, as placetune predicts them
-    kv_layer = _kv_per_layer(shape, n_ctx)
+    memory = _Memory.of(shape, n_ctx)
 
     latency = []
     for ngl in range(n + 2):
@@ -176,11 +175,7 @@ def evaluate(shape: ModelShape, machine: TwinMachine, workload: Workload, n_ctx:
         pp_s = np.broadcast_to(times.pp_seconds(scale), (len(sets), *knobs_shape()))
         tg_s = np.broadcast_to(times.tg_seconds(scale), (len(sets), *knobs_shape()))
 
-        gpu_weights = _col(gpu_layer[0] + gpu_layer[1] - moved_bytes + shape.output_bytes * out_gpu)
-        cpu_need = (total_bytes - gpu_weights + kv_layer * cpu_layers
-                    + (compute_a if cpu_layers else 0.0) + (0.0 if out_gpu else compute_v))
-        gpu_need = (gpu_weights + kv_layer * (n - cpu_layers)
-                    + np.round((compute_a + compute_v) * error.compute_scale) + error.extra_bytes) * out_gpu
+        gpu_need, cpu_need = memory.at(ngl, a, b, sets.kind, error)
         spill = gpu_need > machine.gpu_free_bytes
         oom = (gpu_need > machine.gpu_free_bytes + machine.spill_bytes) | (cpu_need > machine.ram_bytes)
         seconds = workload.n_prompt * pp_s * np.where(spill, SPILL_PP, 1.0) if workload.n_prompt else 0.0
@@ -200,22 +195,76 @@ def _col(x: Any) -> Any:
     return x.reshape(*x.shape, 1, 1, 1, 1) if x.ndim else x
 
 
-def _compute_buffers(shape: ModelShape, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
-    """placetune's compute-buffer estimate per (ubatch, flash_attn): the part on every device holding KV
-    (activations and attention) and the part on the output device (logits), read off two predictions."""
-    n = shape.n_layers
-    a = np.zeros((len(UBATCHES), len(FLASH), 1, 1))
-    v = np.zeros_like(a)
-    for u, ub in enumerate(UBATCHES):
-        for f, flash in enumerate(FLASH):
-            knobs = {"ubatch": ub, "flash_attn": "auto" if flash else "off"}
-            head_only = placetune_need(shape.anatomy, Placement(n_gpu_layers=1, **knobs), n_ctx)
-            everything = placetune_need(shape.anatomy, Placement(n_gpu_layers=n + 1, **knobs), n_ctx)
-            a[u, f] = head_only["CPU"].compute
-            v[u, f] = everything[GPU].compute - a[u, f]
-    return a, v
+@dataclass(frozen=True)
+class _Memory:
+    """placetune's predicted bytes for every reference point, split so that expert sets vectorise.
 
+    Per -ngl, ubatch and flash attention, one placetune_need call without expert rules gives weights, KV and
+    compute per device, and a second one op offload's weight copies for the layers in RAM. An expert set
+    then moves its tensors' allocated bytes from the GPU's buffer to the CPU's, and op offload copies the
+    largest layer's matmul weights in RAM (memory.op_offload_copies): the set's own largest layer, or a
+    CPU layer's. The hidden error applies to the compute part as capacity.true_gpu_bytes applies it.
+    """
 
-def _kv_per_layer(shape: ModelShape, n_ctx: int) -> float:
-    need = placetune_need(shape.anatomy, Placement(n_gpu_layers=shape.n_layers + 1), n_ctx)
-    return need[GPU].kv / shape.n_layers
+    gpu_fixed: np.ndarray  # (ngl, ub, fa): weights + KV on the GPU without expert rules
+    gpu_compute: np.ndarray  # (ngl, ub, fa): compute buffer without op offload
+    gpu_copies: np.ndarray  # (ngl,): op offload's copies for the CPU layers (and the head at -ngl 0)
+    cpu_total: np.ndarray  # (ngl, ub, fa)
+    moved_cuda: np.ndarray  # (n_moe + 1, 4) prefix sums over MoE index of the expert parts' CUDA-allocated bytes
+    moved_host: np.ndarray  # (n_moe + 1, 4) ... host-allocated bytes
+    largest: np.ndarray  # (kind, a, b): the largest matmul bytes one MoE layer in [a, b) moves for that kind
+    parts: np.ndarray  # (kind, 4): which expert parts a kind moves
+
+    @classmethod
+    def of(cls, shape: ModelShape, n_ctx: int) -> _Memory:
+        anatomy = shape.anatomy
+        n = shape.n_layers
+        moe = shape.moe_layers
+        index = {int(layer): i for i, layer in enumerate(moe)}
+        cuda, host, matmul = (np.zeros((len(moe), 4)) for _ in range(3))
+        for t in anatomy.tensors:
+            if t.layer in index and t.group is Group.EXPERT:
+                i, part = index[t.layer], expert_part(t)
+                cuda[i, part] += allocated_bytes(t, GPU)
+                host[i, part] += allocated_bytes(t, "CPU")
+                matmul[i, part] += t.n_bytes if len(t.shape) >= 2 else 0
+        parts = np.zeros((len(KINDS), 4))
+        for k, kind in enumerate(KINDS):
+            parts[k, list(KIND_PARTS[kind])] = 1.0
+        per_kind = matmul @ parts.T  # (n_moe, kind)
+        largest = np.zeros((len(KINDS), len(moe) + 1, len(moe) + 1))
+        for a in range(len(moe)):
+            largest[:, a, a + 1:] = np.maximum.accumulate(per_kind[a:], axis=0).T
+        shape3 = (n + 2, len(UBATCHES), len(FLASH))
+        gpu_fixed, gpu_compute, cpu_total = np.zeros(shape3), np.zeros(shape3), np.zeros(shape3)
+        copies = np.zeros(n + 2)
+        for ngl in range(n + 2):
+            for u, ub in enumerate(UBATCHES):
+                for f, flash in enumerate(FLASH):
+                    plain = Placement(n_gpu_layers=ngl, ubatch=ub, batch=BATCH, flash_attn="auto" if flash else "off",
+                                      no_op_offload=True)
+                    need = placetune_need(anatomy, plain, n_ctx)
+                    gpu = need.get(GPU)
+                    if gpu is not None:
+                        gpu_fixed[ngl, u, f] = gpu.weights + gpu.kv
+                        gpu_compute[ngl, u, f] = gpu.compute
+                    cpu_total[ngl, u, f] = need["CPU"].total
+                    if u == f == 0:
+                        offloading = placetune_need(anatomy, replace(plain, no_op_offload=False), n_ctx)
+                        copies[ngl] = (offloading[GPU].compute if GPU in offloading else 0) - gpu_compute[ngl, u, f]
+        return cls(gpu_fixed, gpu_compute, copies, cpu_total, _prefix(cuda), _prefix(host), largest, parts)
+
+    def at(self, ngl: int, a: np.ndarray, b: np.ndarray, kind: np.ndarray,
+           error: HiddenError) -> tuple[np.ndarray, np.ndarray]:
+        """True GPU bytes (with the hidden error) and predicted CPU bytes of every set at this -ngl, on the
+        knob axes; a, b: the MoE-index range each set really moves (layers on the GPU only)."""
+        cuda = ((self.moved_cuda[b] - self.moved_cuda[a]) * self.parts[kind]).sum(axis=1)
+        host = ((self.moved_host[b] - self.moved_host[a]) * self.parts[kind]).sum(axis=1)
+        copies = np.maximum(self.largest[kind, a, b], self.gpu_copies[ngl])
+        op = np.array(OP_OFFLOAD, dtype=float)[None, None, None, None, :]
+        compute = self.gpu_compute[ngl][None, :, :, None, None] + _col(copies) * op
+        weights_kv = self.gpu_fixed[ngl][None, :, :, None, None] - _col(cuda)
+        predicted = weights_kv + compute
+        gpu = np.where(predicted > 0, weights_kv + np.round(compute * error.compute_scale) + error.extra_bytes, 0.0)
+        cpu = self.cpu_total[ngl][None, :, :, None, None] + _col(host)
+        return gpu, cpu

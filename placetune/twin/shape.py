@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from placetune.anatomy import Anatomy, Group, classify
+from placetune.anatomy import Anatomy, Group, TensorInfo, classify
 from placetune.space import moe_layers
 from placetune.synth import SynthSpec, TensorPlan, plan_tensors, planned_anatomy, preset_spec
 
@@ -103,6 +103,11 @@ EXPERT_PARTS = ("gate_up", "down", "gate_up_bias", "down_bias")
 KIND_PARTS: dict[str, tuple[int, ...]] = {"all": (0, 1, 2, 3), "gate_up": (0,), "down": (1,)}
 
 
+def expert_part(t: TensorInfo) -> int:
+    """Which of EXPERT_PARTS a routed-expert tensor is."""
+    return int(t.expert_kind == "down") + 2 * int(t.is_bias)
+
+
 @functools.cache
 def model_shape(model: TwinModel) -> ModelShape:
     """The arrays for a model (cached: scenarios share them)."""
@@ -126,9 +131,8 @@ def model_shape(model: TwinModel) -> ModelShape:
                 lookup = t.name.removesuffix(".weight") in _LOOKUP_TABLES and len(t.shape) >= 2
                 host_read += t.n_bytes / t.shape[-1] if lookup else t.n_bytes
         elif t.group is Group.EXPERT:
-            down = t.expert_kind == "down"
-            expert_bytes[t.layer, int(down) + 2 * int(t.is_bias)] += t.n_bytes
-            expert_params[t.layer, int(down)] += elements
+            expert_bytes[t.layer, expert_part(t)] += t.n_bytes
+            expert_params[t.layer, expert_part(t) % 2] += elements
         else:
             common_bytes[t.layer] += t.n_bytes
             common_params[t.layer] += elements

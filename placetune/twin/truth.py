@@ -33,8 +33,9 @@ class Truth:
 
 
 def context_of(placement: Placement, workload: Workload) -> int:
-    """The context llama.cpp is given: -c if set, else room for the depth, the prompt and the generation."""
-    return max(placement.ctx or 0, workload.depth + workload.n_prompt + workload.n_gen)
+    """The context llama.cpp is given: -c if set, else room for one request (the search's serving context, which
+    the exhaustive grid sizes every point for too)."""
+    return max(placement.ctx or 0, workload.context_needed)
 
 
 def judge(scenario: Scenario, placement: Placement, workload: Workload | None = None) -> Truth:
