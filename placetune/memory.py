@@ -339,15 +339,29 @@ class MarginFeedback:
     device by at least the room it had left. `record_oom` widens the device's margin by that
     shortfall plus `step` (so the same placement is pruned next time) and returns a line saying so,
     for the search to print. Margins only grow; `to_dict` goes into a study's record.
+
+    The estimate's error sits mostly in the compute buffer (the weights and KV are exact), so it grows
+    with it: asked about a placement with a smaller predicted compute buffer than the one that ran out
+    (a smaller -ub), the widening shrinks in proportion. Otherwise one out-of-memory trial at -ub 2048
+    would push every -ub 512 placement gigabytes back from where it really fits; if the error did not
+    shrink, that placement runs out of memory too and brings its own, full widening.
     """
 
     base: int = DEFAULT_MARGIN
     step: int = 256 * 2**20
     widened: dict[str, int] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
+    calls: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # device: (compute, margin) per OOM
 
-    def margin(self, device: str) -> int:
-        return self.widened.get(device, self.base)
+    def margin(self, device: str, compute: int | None = None) -> int:
+        """The device's margin; given the predicted compute buffer of a placement, the margin for it."""
+        if compute is None or device not in self.calls:
+            return self.widened.get(device, self.base)
+        out = self.base
+        for oom_compute, wanted in self.calls[device]:
+            share = 1.0 if compute >= oom_compute or oom_compute <= 0 else compute / oom_compute
+            out = max(out, self.base + round((wanted - self.base) * share))
+        return out
 
     def margins(self) -> dict[str, int]:
         return dict(self.widened)
@@ -362,10 +376,13 @@ class MarginFeedback:
             if dev not in need or dev not in capacity:
                 continue
             left = capacity[dev] - need[dev].total  # what the model thought was still free
-            new = max(self.margin(dev), left + self.step)
-            if new > self.margin(dev):
-                changes.append(f"{dev} margin {human_bytes(self.margin(dev))} -> {human_bytes(new)}")
-                self.widened[dev] = new
+            compute = need[dev].compute
+            new = max(self.margin(dev, compute), left + self.step)
+            if new > self.margin(dev, compute):
+                changes.append(f"{dev} margin {human_bytes(self.margin(dev, compute))} -> {human_bytes(new)}"
+                               f" (compute buffer {human_bytes(compute)} and above)")
+                self.calls.setdefault(dev, []).append((compute, new))
+                self.widened[dev] = max(new, self.margin(dev))
         line = ("out of memory where the memory model predicted a fit: " + ", ".join(changes)
                 if changes else "out of memory where the memory model predicted a fit; margins already cover it")
         self.events.append(line)
@@ -373,3 +390,27 @@ class MarginFeedback:
 
     def to_dict(self) -> dict[str, object]:
         return {"base": self.base, "step": self.step, "widened": dict(self.widened), "events": list(self.events)}
+
+
+@dataclass
+class LoadedEvidence:
+    """What placements that loaded prove: a placement needing no more, part by part, on any accelerator fits too.
+
+    The counterpart of MarginFeedback. A margin widened by one out-of-memory trial (often one with a larger
+    compute buffer, where the estimate errs most) would otherwise also rule out placements whose twin already
+    ran: a change of threads or of -fa keeps the same bytes. Weights with KV, and the compute buffer, are
+    compared apart, since the estimate's error sits in the compute part.
+    """
+
+    loaded: list[dict[str, tuple[int, int]]] = field(default_factory=list)
+
+    def record(self, need: Mapping[str, DeviceNeed]) -> None:
+        parts = {dev: (n.weights + n.kv, n.compute) for dev, n in need.items() if dev != "CPU"}
+        if parts and parts not in self.loaded:
+            self.loaded.append(parts)
+
+    def covers(self, need: Mapping[str, DeviceNeed]) -> bool:
+        """Whether a placement that loaded needed at least this much of each part on every accelerator."""
+        wanted = {dev: (n.weights + n.kv, n.compute) for dev, n in need.items() if dev != "CPU" and n.total}
+        return any(all(dev in seen and w <= seen[dev][0] and c <= seen[dev][1] for dev, (w, c) in wanted.items())
+                   for seen in self.loaded)

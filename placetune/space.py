@@ -30,8 +30,10 @@ FACTS = ("n_layers", "n_gpu_layers_max", "n_moe_layers", "physical_cores")
 PARAMS: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "n_gpu_layers": (None, "layers on the accelerator (-ngl); n_gpu_layers_max puts the output head there too"),
     "cpu_moe_layers": (None, "how many MoE layers keep their routed experts in system RAM"),
-    "cpu_moe_position": (("first", "last", "block"), "which MoE layers: the first N, the last N, or a block"),
-    "cpu_moe_start": (None, "first MoE layer of the block when cpu_moe_position = block"),
+    "cpu_moe_position": (("first", "last", "block", "interleaved"),
+                         "which MoE layers: the first N, the last N, a block, or every k-th layer"),
+    "cpu_moe_start": (None, "first MoE layer of the block, or of the interleaved set"),
+    "cpu_moe_stride": (None, "k when cpu_moe_position = interleaved: every k-th MoE layer from cpu_moe_start"),
     "cpu_moe_kinds": (("all", "gate_up", "down"), "which expert tensors of those layers go to RAM"),
     "threads": (None, "-t"),
     "batch": (None, "-b"),
@@ -43,7 +45,7 @@ PARAMS: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "no_op_offload": ((False, True), "--no-op-offload"),
     "repack": ((False, True), "--repack / --no-repack"),
 }
-_POSITIVE = {"threads", "batch", "ubatch"}  # 0 would mean nothing to llama.cpp
+_POSITIVE = {"threads", "batch", "ubatch", "cpu_moe_stride"}  # 0 would mean nothing to llama.cpp
 _KIND_SETS = {"all": ("up", "down", "gate", "gate_up"), "gate_up": ("up", "gate", "gate_up"), "down": ("down",)}
 
 
@@ -128,12 +130,11 @@ class SearchSpace:
                 self.bounds(dim, facts)
 
     def suggest(self, trial: optuna.Trial, facts: dict[str, int]) -> dict[str, Any]:
-        """Sample a trial's parameters (cpu_moe_start only when the position is a block)."""
+        """Sample a trial's parameters (cpu_moe_start only for a block or interleaved set, cpu_moe_stride only
+        for an interleaved one)."""
         params: dict[str, Any] = dict(self.pinned)
         for dim in self.dimensions:
-            if dim.name == "cpu_moe_start" and params.get("cpu_moe_position") != "block":
-                continue
-            if dim.name in ("cpu_moe_position", "cpu_moe_kinds", "cpu_moe_start") and not params.get("cpu_moe_layers"):
+            if not applies(dim.name, params):
                 continue
             if dim.choices is not None:
                 params[dim.name] = trial.suggest_categorical(dim.name, list(dim.choices))
@@ -166,6 +167,18 @@ class SearchSpace:
         dims = [[d.name, list(d.choices) if d.choices is not None else [d.low, d.high, d.step]]
                 for d in self.dimensions]
         return {"name": self.name, "dimensions": dims, "pinned": dict(sorted(self.pinned.items()))}
+
+
+def applies(name: str, params: dict[str, Any]) -> bool:
+    """Whether a parameter means anything given the others (Optuna's conditional dimensions)."""
+    if name in ("cpu_moe_position", "cpu_moe_kinds", "cpu_moe_start", "cpu_moe_stride") and \
+            not params.get("cpu_moe_layers"):
+        return False
+    if name == "cpu_moe_start":
+        return params.get("cpu_moe_position") in ("block", "interleaved")
+    if name == "cpu_moe_stride":
+        return params.get("cpu_moe_position") == "interleaved"
+    return True
 
 
 def _coerce(raw: Any) -> Any:
@@ -268,6 +281,15 @@ def moe_layers(anatomy: Anatomy) -> list[int]:
     return sorted({t.layer for t in anatomy.tensors if t.group is Group.EXPERT and t.layer is not None})
 
 
+def interleaved(layers: list[int], count: int, start: int, stride: int) -> list[int]:
+    """Every stride-th of `layers` from index `start`, `count` of them: club-3090's issue 816 found such sets
+    beating a contiguous block. The start moves back so that all `count` fit when it can; a stride too wide
+    for `count` layers gives as many as there are from the first."""
+    stride = max(1, stride)
+    start = max(0, min(start, len(layers) - 1 - (count - 1) * stride))
+    return layers[start::stride][:count]
+
+
 def facts_for(anatomy: Anatomy, physical_cores: int) -> dict[str, int]:
     n = anatomy.facts.n_layers
     return {"n_layers": n, "n_gpu_layers_max": n + 1, "n_moe_layers": len(moe_layers(anatomy)),
@@ -287,6 +309,9 @@ def to_placement(params: dict[str, Any], anatomy: Anatomy) -> Placement:
         elif position == "block":
             start = min(int(params.get("cpu_moe_start", 0)), len(layers) - n_cpu)
             chosen = layers[start : start + n_cpu]
+        elif position == "interleaved":
+            chosen = interleaved(layers, n_cpu, int(params.get("cpu_moe_start", 0)),
+                                 int(params.get("cpu_moe_stride", 2)))
         else:
             chosen = layers[:n_cpu]
         # Layers not offloaded keep their experts in RAM anyway: a rule for them changes nothing, and

@@ -17,6 +17,7 @@ from placetune.space import SearchSpace
 
 KNOB_PARAMS = ("threads", "batch", "ubatch", "flash_attn", "cache_type_k", "cache_type_v", "load_mode",
                "no_op_offload", "repack")
+STRATEGIES = ("staged", "tpe")  # staged.py's walk along the memory frontier, then TPE; or TPE from the seeds on
 DEFAULT_CTX = 8192  # llama-server's own default (-c 0) is the training context: 40k-256k tokens on MoE models
 
 
@@ -80,6 +81,7 @@ class SearchConfig:
     workload: Workload
     serving: Serving
     objective: str = "latency"
+    strategy: str = "staged"
     n_trials: int = 30
     timeout_s: float | None = None
     seed: int = 0

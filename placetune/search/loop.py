@@ -29,14 +29,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from placetune.compare import clearly_worse
 from placetune.errors import PlacetuneError
-from placetune.memory import DeviceNeed, FitVerdict, MarginFeedback, check_fit, predict_memory
+from placetune.memory import DeviceNeed, FitVerdict, LoadedEvidence, MarginFeedback, check_fit, predict_memory
 from placetune.placement import Placement, render_flags, render_server_command
 from placetune.results import BestRecord
 from placetune.runners.base import Measurement, Runner, Stats
-from placetune.search.config import SearchConfig
+from placetune.search.config import STRATEGIES, SearchConfig
 from placetune.search.finals import SEARCH, Contender, Decision, Row, decide, pareto_front, run_rounds
 from placetune.search.objective import check_objective, objective_value, speed_samples
 from placetune.search.seeds import BASELINE, CANDIDATE, Seed, SeedContext, standard_sources
+from placetune.search.staged import Walk
 from placetune.search.study import open_storage, open_study
 from placetune.search.workers import Workers, counted, retried_numbers
 from placetune.space import facts_for, to_placement
@@ -45,6 +46,7 @@ from placetune.units import human_bytes
 
 SCREEN_MARGIN = 0.10  # a screened trial must be this much slower than the best (or 3x its spread) to be cut
 POLL_S = 1.0  # how often a worker looks again at trials other workers are running
+NEEDS_CACHE = 4096  # predicted needs kept per placement: the staged walk asks about the same ones after every trial
 MAX_REPEATS = 30  # the sampler proposing only measured placements this many times in a row: the space is done
 
 
@@ -54,6 +56,8 @@ class Search:
     def __init__(self, config: SearchConfig, runner: Runner,
                  on_trial: Callable[[FrozenTrial, Search], None] | None = None) -> None:
         check_objective(config.objective)
+        if config.strategy not in STRATEGIES:
+            raise PlacetuneError(f"search strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}")
         self.config = config
         self.runner = runner
         self.on_trial = on_trial
@@ -68,7 +72,11 @@ class Search:
                                config.heartbeat_s)
         self.notes += self.workers.register(config.allow_colocated)
         self.margins = MarginFeedback(base=config.margin)
+        self.evidence = LoadedEvidence()
+        self._needs: dict[Placement, dict[str, DeviceNeed]] = {}
         self._learn_from_ooms()
+        self.walk = Walk(config.space, self.facts, self._params_fit, self._params_flags) \
+            if config.strategy == "staged" else None
         if self.margins.widened:
             self.notes.append("margins widened by earlier out-of-memory trials: " + ", ".join(
                 f"{d} {human_bytes(m)}" for d, m in self.margins.widened.items()))
@@ -80,23 +88,44 @@ class Search:
     # -- feasibility and bandwidths ----------------------------------------------------------
 
     def feasibility(self, placement: Placement) -> FitVerdict:
-        """The memory model's verdict, with the margins out-of-memory trials have widened.
+        """The memory model's verdict, with the margins out-of-memory trials have widened; a placement needing no
+        more than one that loaded fits whatever the margins say (LoadedEvidence).
 
         llama-server with an explicit -np keeps one cache stream per slot (not unified); so do the runners.
         """
         c = self.config
-        need = predict_memory(c.anatomy, placement, c.devices, placement.ctx or c.n_ctx,
-                              n_seq=placement.parallel or 1, kv_unified=False)
-        margins = {d: self.margins.margin(d) for d in c.devices}
-        return check_fit(need, c.capacity(), margins, budgeted=set(c.budgets))
+        need = self._needs.get(placement)
+        if need is None:
+            if len(self._needs) >= NEEDS_CACHE:
+                self._needs.clear()
+            need = self._needs[placement] = predict_memory(c.anatomy, placement, c.devices, placement.ctx or c.n_ctx,
+                                                           n_seq=placement.parallel or 1, kv_unified=False)
+        margins = {d: self.margins.margin(d, need[d].compute if d in need else None) for d in c.devices}
+        verdict = check_fit(need, c.capacity(), margins, budgeted=set(c.budgets))
+        if not verdict.fits and self.evidence.covers(need):
+            return FitVerdict(True, (), dict(need))
+        return verdict
 
     def _learn_from_ooms(self) -> None:
-        """Replay the study's out-of-memory trials (this worker's or others', before a resume) into the margins."""
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        """Replay the study's out-of-memory trials into the margins, and the placements that loaded into the
+        evidence (this worker's or others', before a resume)."""
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.COMPLETE)):
+            if "duplicate_of" in t.user_attrs:
+                continue
             need = t.user_attrs.get("oom_prediction")
-            if need and "duplicate_of" not in t.user_attrs:
-                self.margins.record_oom({d: DeviceNeed(**{k: v for k, v in n.items() if k != "total"})
-                                         for d, n in need.items()}, self.config.capacity())
+            if need:
+                self.margins.record_oom(_needs_from(need), self.config.capacity())
+            elif t.user_attrs.get("status") == "ok" and t.user_attrs.get("predicted_need"):
+                self.evidence.record(_needs_from(t.user_attrs["predicted_need"]))
+
+    def _params_placement(self, params: dict[str, Any]) -> Placement:
+        return self.config.serving.apply(to_placement({**self.config.space.pinned, **params}, self.config.anatomy))
+
+    def _params_fit(self, params: dict[str, Any]) -> bool:
+        return self.feasibility(self._params_placement(params)).fits
+
+    def _params_flags(self, params: dict[str, Any]) -> str:
+        return render_flags(self._params_placement(params))
 
     @functools.cached_property
     def bandwidths(self) -> dict[str, Any]:
@@ -267,6 +296,7 @@ class Search:
         trial.set_user_attr("status", m.status)
         trial.set_user_attr("reason", m.reason)
         if m.ok:
+            self.evidence.record(_needs_from(trial.user_attrs["predicted_need"]))
             for key, stats in (("pp", m.pp), ("tg", m.tg)):
                 trial.set_user_attr(key, stats.median)
                 trial.set_user_attr(f"{key}_spread", stats.spread)
@@ -327,10 +357,21 @@ class Search:
                             fail_stale_trials(self.study)
                             time.sleep(POLL_S)
                             continue
+                        self._propose(trials)
                         self.study.optimize(self.objective, n_trials=1, callbacks=[after_trial],
                                             catch=(), gc_after_trial=False, show_progress_bar=False)
         finally:
             signal.signal(signal.SIGINT, previous)
+
+    def _propose(self, trials: Sequence[FrozenTrial]) -> None:
+        """Queue the staged walk's next step (staged.py) unless a trial is queued already; with none left, the
+        sampler proposes."""
+        if self.walk is None or any(t.state == TrialState.WAITING for t in trials):
+            return
+        proposal = self.walk.propose(trials, self.ranked())
+        if proposal is not None:
+            params, why = proposal
+            self.study.enqueue_trial(params, user_attrs={"proposed": why}, skip_if_exists=False)
 
     # -- the winner --------------------------------------------------------------------------
 
@@ -409,6 +450,11 @@ class Search:
                     f"measured was {best_pp:.1f} t/s); lower --min-pp or widen the search space")
         return "no trial finished successfully; trials.csv lists each one's reason (placetune bench shows one run)"
 
+
+
+def _needs_from(record: dict[str, dict[str, int]]) -> dict[str, DeviceNeed]:
+    """A FitVerdict.to_dict()'s need, as stored with a trial, back into DeviceNeeds."""
+    return {d: DeviceNeed(**{k: v for k, v in n.items() if k != "total"}) for d, n in record.items()}
 
 
 def best_record(search: Search, decision: Decision) -> BestRecord:

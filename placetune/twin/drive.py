@@ -81,8 +81,10 @@ def _twin_fit(scenario: Scenario) -> FitAnswer | None:
     return FitAnswer(placement, f"twin --fit: {render_flags(placement)}", ())
 
 
-def run_search(scenario: Scenario, seed: int, n_trials: int) -> SearchRun:
-    """placetune's current search on the scenario: seeds included, n_trials trials, then its final re-measure."""
+def run_search(scenario: Scenario, seed: int, n_trials: int, strategy: str = "staged") -> SearchRun:
+    """placetune's search on the scenario: seeds included, n_trials trials, then its final re-measure.
+
+    strategy: placetune.search.config.STRATEGIES (the staged walk, or TPE alone, to compare them)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     shape = model_shape(scenario.model)
     machine = twin_machine(scenario)
@@ -107,7 +109,8 @@ def run_search(scenario: Scenario, seed: int, n_trials: int) -> SearchRun:
         model=Path(f"{scenario.model.name}.gguf"), anatomy=anatomy, machine=machine,
         space=resolve_space(None, anatomy, has_accelerator=True), workload=scenario.workload,
         serving=serving_for(anatomy, scenario.workload, ctx=scenario.n_ctx), objective=scenario.objective,
-        n_trials=n_trials, seed=seed, storage=MEMORY_STORAGE, runner_name=TwinRunner.name, bandwidths=bandwidths,
+        strategy=strategy, n_trials=n_trials, seed=seed, storage=MEMORY_STORAGE, runner_name=TwinRunner.name,
+        bandwidths=bandwidths,
         seed_sources=[*sources, ByHand(), Roofline()],
     )
     search = Search(config, runner, on_trial=on_trial)

@@ -1,7 +1,8 @@
 """placetune's own guess: the placement the bandwidth roofline predicts fastest among those that fit.
 
 It is a candidate, not a baseline: nobody gets it by hand. It is a point of the search space, so the
-sampler learns from it like from any trial.
+sampler learns from it like from any trial; the knobs the roofline says nothing about stay at llama.cpp's
+defaults, so the seed shows what the placement alone does.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from placetune.predict import rank_by_prediction
+from placetune.search.frontier import conditional, default_params
 from placetune.search.seeds import CANDIDATE, Seed, SeedContext
 from placetune.space import to_placement
 
@@ -30,9 +32,10 @@ class Roofline:
         ranked = rank_by_prediction(c.anatomy, candidates, c.devices, context.bandwidths())
         if not ranked:
             return []
-        (params, placement), _ = ranked[0]
+        (params, _), _ = ranked[0]
         name = f"best by the bandwidth model (-ngl {params['n_gpu_layers']} --n-cpu-moe {params['cpu_moe_layers']})"
-        return [Seed(name, placement, CANDIDATE, params)]
+        params = conditional({**default_params(c.space, context.facts), **params}, c.space)
+        return [Seed(name, c.fixed(to_placement({**c.space.pinned, **params}, c.anatomy)), CANDIDATE, params)]
 
     @staticmethod
     def _params(ngl: int, n: int) -> dict[str, Any]:

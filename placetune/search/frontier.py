@@ -1,0 +1,107 @@
+"""The feasible frontier: for any choice of the other parameters, the fullest placement the memory model
+says fits.
+
+More weights on the accelerator read faster, so the fastest placements sit where memory runs out, and a
+point short of it only leaves speed in RAM. Instead of sampling the fill (how many layers' experts stay in
+RAM, or -ngl for a dense model) and meeting the memory cliff by pruning, a candidate's fill is set here:
+the fewest expert layers in RAM (or the most layers on the accelerator) that the memory model, with the
+margins out-of-memory trials have widened, says fit. Memory on the accelerator only shrinks as the fill
+moves that way, so a bisection finds it in log(layers) checks. `slack` keeps a candidate that many steps
+short of the edge, for cards whose real allocation runs past the model's estimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from placetune.space import SearchSpace, applies
+
+EXPERTS, LAYERS = "cpu_moe_layers", "n_gpu_layers"
+# llama.cpp's own value for each knob it has a default for (common/common.h); the others are placetune's
+# reference choices: experts of the last layers in RAM, as --fit puts them (ik_llama PR 2262: +10% pp).
+LLAMA_DEFAULTS: dict[str, Any] = {
+    "ubatch": 512, "batch": 2048, "flash_attn": "auto", "cache_type_k": "f16", "cache_type_v": "f16",
+    "load_mode": "auto", "no_op_offload": False, "repack": True,
+    "cpu_moe_position": "last", "cpu_moe_kinds": "all", "cpu_moe_start": 0, "cpu_moe_stride": 2,
+}
+
+
+def fill_dimension(space: SearchSpace) -> str | None:
+    """The parameter that fills the accelerator: expert layers in RAM for a MoE space, else -ngl."""
+    names = space.dimension_names()
+    return EXPERTS if EXPERTS in names else LAYERS if LAYERS in names else None
+
+
+def default_params(space: SearchSpace, facts: dict[str, int]) -> dict[str, Any]:
+    """Every dimension at llama.cpp's default (threads: the physical cores; -ngl: everything), clamped into the
+    space: the point a user who sets nothing gets, before the fill is put on the frontier."""
+    wanted = {**LLAMA_DEFAULTS, "threads": facts["physical_cores"], LAYERS: facts["n_gpu_layers_max"],
+              EXPERTS: 0}
+    out: dict[str, Any] = {}
+    for dim in space.dimensions:
+        want = wanted.get(dim.name)
+        if dim.choices is not None:
+            out[dim.name] = want if want in dim.choices else dim.choices[0]
+        else:
+            low, high = space.bounds(dim, facts)
+            value = low if want is None else min(max(int(want), low), high)
+            out[dim.name] = low + (value - low) // dim.step * dim.step
+    return out
+
+
+def conditional(params: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """Only the parameters that mean something given the others (what the sampler itself would ask for)."""
+    merged = {**space.pinned, **params}
+    return {k: v for k, v in params.items() if applies(k, merged)}
+
+
+class Frontier:
+    """Fills candidates up to the memory model's edge; `fits` judges a full parameter set (pins included)."""
+
+    def __init__(self, space: SearchSpace, facts: dict[str, int], fits: Callable[[dict[str, Any]], bool]) -> None:
+        self.space = space
+        self.fits = fits
+        self.dim = fill_dimension(space)
+        self.values: list[int] = []
+        if self.dim is not None:
+            spec = next(d for d in space.dimensions if d.name == self.dim)
+            low, high = space.bounds(spec, facts)
+            self.values = list(range(low, high + 1, spec.step))
+        if self.dim == LAYERS:
+            self.values.reverse()  # fuller first: most layers on the accelerator
+
+    def edge(self, params: dict[str, Any]) -> int | None:
+        """Index into `values` of the fullest fill that fits with the other parameters as given; None if none."""
+        if self.dim is None:
+            return None
+
+        def ok(i: int) -> bool:
+            return self.fits({**params, self.dim: self.values[i]})
+
+        low, high = 0, len(self.values) - 1
+        if not ok(high):
+            return None
+        while low < high:
+            mid = (low + high) // 2
+            if ok(mid):
+                high = mid
+            else:
+                low = mid + 1
+        return low
+
+    def slack(self, params: dict[str, Any]) -> int:
+        """How many steps short of the edge a candidate's fill is (0 on it, or past it)."""
+        if self.dim is None or params.get(self.dim) not in self.values:
+            return 0
+        edge = self.edge(params)
+        return 0 if edge is None else max(0, self.values.index(params[self.dim]) - edge)
+
+    def place(self, params: dict[str, Any], slack: int = 0) -> dict[str, Any] | None:
+        """params with the fill `slack` steps short of the edge; None when nothing fits with these parameters."""
+        if self.dim is None:
+            return params if self.fits(params) else None
+        edge = self.edge(params)
+        if edge is None:
+            return None
+        return {**params, self.dim: self.values[min(edge + slack, len(self.values) - 1)]}

@@ -1,0 +1,152 @@
+"""The staged search: coordinate descent along the feasible frontier, then the sampler.
+
+Forty trials do not go far in a space of hundreds of millions of points when most of it does not fit and
+the rest is flat except along a few knobs. So before the sampler, the search walks:
+  1. the reference: llama.cpp's default knobs, every layer on the accelerator and the fewest expert layers
+     in RAM that fit (what --fit would pick, at the search's own margins);
+  2. from the best trial so far (the incumbent), one parameter at a time, in order of how much it moves
+     speed in llama.cpp's own measurements (ubatch first: PR 15346; --no-mmap: PR 14990; which expert
+     tensors; threads; op offload; flash attention; which layers; -ngl; batch), each candidate re-filled
+     to the frontier for its knobs (a larger ubatch needs a larger compute buffer, so fewer experts fit) and
+     kept as far from the edge as the incumbent is (`slack`, also a step of its own);
+  3. when no single change of the incumbent is left untried, the sampler takes over, having learned from
+     every trial of the walk.
+Every step is a measured trial; nothing is assumed faster. The walk is computed from the study's trials
+each time, so a resumed study or another worker continues it rather than starting over.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from optuna.trial import FrozenTrial
+
+from placetune.search.frontier import Frontier, conditional, default_params
+from placetune.space import SearchSpace
+
+SLACK = "slack"
+# The walk's order: what moves speed most first (see the module docstring); dimensions not named go last.
+ORDER = ("ubatch", "load_mode", "cpu_moe_kinds", "threads", "no_op_offload", "flash_attn", "cpu_moe_position",
+         SLACK, "n_gpu_layers", "cpu_moe_start", "cpu_moe_stride", "batch", "cache_type_k", "cache_type_v",
+         "repack")
+THREAD_SHARES = (0.75, 0.5, 1.0, 0.875)  # the best -t is often below the core count (13 of 16: shared notes)
+SLACK_STEPS = (1, 3, 0)
+NGL_STEPS = (1, 2)
+OOM_TRIES = 2  # a change that ran out of memory this often, each time a little further from the edge, is done
+
+
+class Walk:
+    """Proposes the next trial's parameters, or None when the sampler should take over.
+
+    fits: whether full parameters (pins included) fit by the memory model at the search's current margins;
+    flags: the command line a parameter set runs, to know what the study has already tried.
+    """
+
+    def __init__(self, space: SearchSpace, facts: dict[str, int], fits: Callable[[dict[str, Any]], bool],
+                 flags: Callable[[dict[str, Any]], str]) -> None:
+        self.space = space
+        self.facts = facts
+        self._fits = fits
+        self.flags = flags
+        self.frontier = Frontier(space, facts, self.fits)
+        self.defaults = default_params(space, facts)
+        dims = space.dimension_names()
+        self.order = [n for n in ORDER if n in dims or (n == SLACK and self.frontier.dim)]
+        self.order += [n for n in dims if n not in self.order and n != self.frontier.dim]
+        self.cursor = 0  # the dimension the walk is at; each pass visits every one once
+        self.proposed_in_pass = False
+
+    def fits(self, params: dict[str, Any]) -> bool:
+        return self._fits({**self.space.pinned, **params})
+
+    def propose(self, trials: Sequence[FrozenTrial],
+                ranked: Sequence[FrozenTrial]) -> tuple[dict[str, Any], str] | None:
+        """The next untried candidate and why it is proposed; None when a whole pass found nothing new.
+
+        trials: the study's trials, none of them waiting (a queued trial is run before anything is proposed);
+        ranked: the measured ones, best first. The incumbent is the best with search parameters, or a seed
+        that ran the reference's very flags. One dimension at a time: a trial that only noise makes the
+        incumbent does not restart the pass.
+        """
+        tried = {t.user_attrs.get("flags") for t in trials}
+        # A change already measured once is not measured again only because out-of-memory trials since have
+        # moved the memory edge; one that ran out of memory may be, at the new edge, until it has OOM_TRIES times.
+        measured = {self._identity(t.params) for t in trials
+                    if t.params and not t.user_attrs.get("reason", "").startswith(("predicted not to fit", "oom"))}
+        ooms = Counter(self._identity(t.params) for t in trials
+                       if t.params and t.user_attrs.get("reason", "").startswith("oom"))
+        measured |= {identity for identity, n in ooms.items() if n >= OOM_TRIES}
+
+        def untried(candidate: dict[str, Any] | None, by_identity: bool = True) -> dict[str, Any] | None:
+            if candidate is None or not self.fits(candidate):
+                return None
+            candidate = conditional(candidate, self.space)
+            if self.flags(candidate) in tried or (by_identity and self._identity(candidate) in measured):
+                return None
+            return candidate
+
+        reference = self.frontier.place(self.defaults)
+        if untried(reference) is not None:
+            return conditional(reference, self.space), "reference: llama.cpp's default knobs, filled to the memory edge"
+        same = self.flags(conditional(reference, self.space)) if reference is not None else None
+        incumbent = next((t for t in ranked if t.params or t.user_attrs.get("flags") == same), None)
+        if incumbent is None:
+            return None
+        base = {**self.defaults, **(incumbent.params or reference or {})}
+        slack = self.frontier.slack(base)
+        for _ in range(2 * len(self.order) + 1):
+            if self.cursor >= len(self.order):
+                if not self.proposed_in_pass:
+                    self.cursor = 0  # converged: the sampler proposes; a new incumbent may open a new pass
+                    return None
+                self.cursor, self.proposed_in_pass = 0, False
+            for changes, why in self.moves(self.order[self.cursor], base):
+                if SLACK in changes:
+                    candidate = untried(self.frontier.place(base, slack=changes[SLACK]), by_identity=False)
+                else:
+                    candidate = untried(self.frontier.place({**base, **changes}, slack=slack))
+                if candidate is not None:
+                    self.proposed_in_pass = True
+                    return candidate, f"from trial {incumbent.number}: {why}"
+            self.cursor += 1
+        return None
+
+    def _identity(self, params: dict[str, Any]) -> str:
+        """A candidate apart from its fill: what a change of one knob or layer family is about."""
+        filled = {**self.defaults, **params, **({self.frontier.dim: 1} if self.frontier.dim else {})}
+        rest = {k: v for k, v in conditional(filled, self.space).items() if k != self.frontier.dim}
+        return repr(sorted(rest.items()))
+
+    def moves(self, name: str, base: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+        """Changes of one parameter of the incumbent (a layer family comes with where it starts)."""
+        if name == SLACK:
+            return [({SLACK: s}, f"{s} step(s) short of the memory edge") for s in SLACK_STEPS]
+        dims = {d.name: d for d in self.space.dimensions}
+        dim = dims[name]
+        if dim.choices is not None:
+            values = list(dim.choices)
+        else:
+            low, high = self.space.bounds(dim, self.facts)
+            values = [v for v in self._int_values(name, base, low, high) if low <= v <= high]
+        out: list[tuple[dict[str, Any], str]] = []
+        for v in dict.fromkeys(values):
+            if v == base.get(name):
+                continue
+            changes = {name: v}
+            if name == "cpu_moe_position" and "cpu_moe_start" in dims:
+                # a block from the middle; an interleaved set ending at the last layer, where "last" puts them
+                low, high = self.space.bounds(dims["cpu_moe_start"], self.facts)
+                changes["cpu_moe_start"] = (low + high) // 2 if v == "block" else high
+            out.append((changes, ", ".join(f"{k} = {x}" for k, x in changes.items())))
+        return out
+
+    def _int_values(self, name: str, base: dict[str, Any], low: int, high: int) -> list[int]:
+        if name == "threads":
+            return [max(1, round(share * self.facts["physical_cores"])) for share in THREAD_SHARES]
+        if name == "n_gpu_layers":
+            return [high - step for step in NGL_STEPS]
+        if name == "cpu_moe_start":
+            return [low, (low + high) // 2, high]
+        return [low, high, int(base.get(name, low))]
