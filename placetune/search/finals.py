@@ -25,6 +25,8 @@ from placetune.search.objective import speed_samples
 from placetune.search.seeds import BASELINE
 
 SEARCH = "search"  # role of a trial the sampler proposed
+DROPPED = "dropped"  # status of a trial the first final round left out of the later ones
+FIRST_ROUND_WIDTH = 2  # the first final round measures this many times --top-k trials
 
 
 @dataclass
@@ -65,9 +67,20 @@ class Contender:
 
 
 def run_rounds(runner: Runner, model: Path, contenders: Sequence[Contender], workload: Workload, rounds: int,
-               on_measured: Callable[[Contender, int], None] | None = None) -> None:
-    """Measure each contender once per round, in the same order every round; a failure drops it."""
+               on_measured: Callable[[Contender, int], None] | None = None, keep: int | None = None,
+               objective: str = "latency") -> None:
+    """Measure each contender once per round, in the same order every round; a failure drops it.
+
+    keep: after the first of several rounds, only the `keep` fastest search trials (by that round) go on,
+    beside every baseline. The search phase measured each trial once, in its own load, so its top few are
+    partly luck; a wider first round, on which they are measured side by side, picks the finalists better.
+    """
     for r in range(rounds):
+        if r == 1 and keep is not None:
+            trials = sorted((c for c in contenders if c.ok and not c.is_baseline),
+                            key=lambda c: c.typical(objective, workload), reverse=True)
+            for c in trials[keep:]:
+                c.status, c.reason = DROPPED, f"not among the {keep} fastest trials of the first final round"
         for c in contenders:
             if c.status != "ok":
                 continue

@@ -34,7 +34,16 @@ from placetune.placement import Placement, render_flags, render_server_command
 from placetune.results import BestRecord
 from placetune.runners.base import Measurement, Runner, Stats
 from placetune.search.config import STRATEGIES, SearchConfig
-from placetune.search.finals import SEARCH, Contender, Decision, Row, decide, pareto_front, run_rounds
+from placetune.search.finals import (
+    FIRST_ROUND_WIDTH,
+    SEARCH,
+    Contender,
+    Decision,
+    Row,
+    decide,
+    pareto_front,
+    run_rounds,
+)
 from placetune.search.objective import check_objective, objective_value, speed_samples
 from placetune.search.seeds import BASELINE, CANDIDATE, Seed, SeedContext, standard_sources
 from placetune.search.staged import Walk
@@ -75,7 +84,7 @@ class Search:
         self.evidence = LoadedEvidence()
         self._needs: dict[Placement, dict[str, DeviceNeed]] = {}
         self._learn_from_ooms()
-        self.walk = Walk(config.space, self.facts, self._params_fit, self._params_flags) \
+        self.walk = Walk(config.space, self.facts, self._params_fit, self._params_flags, self._speed) \
             if config.strategy == "staged" else None
         if self.margins.widened:
             self.notes.append("margins widened by earlier out-of-memory trials: " + ", ".join(
@@ -117,6 +126,12 @@ class Search:
                 self.margins.record_oom(_needs_from(need), self.config.capacity())
             elif t.user_attrs.get("status") == "ok" and t.user_attrs.get("predicted_need"):
                 self.evidence.record(_needs_from(t.user_attrs["predicted_need"]))
+
+    def _speed(self, t: FrozenTrial) -> float:
+        """A measured trial's speed, higher is better (pareto: by the latency of the workload)."""
+        c = self.config
+        value = t.values[0] if c.objective != "pareto" else objective_value("latency", *t.values, c.workload)
+        return 1.0 / value if c.objective in ("latency", "pareto") else value
 
     def _params_placement(self, params: dict[str, Any]) -> Placement:
         return self.config.serving.apply(to_placement({**self.config.space.pinned, **params}, self.config.anatomy))
@@ -398,7 +413,7 @@ class Search:
             front = [t for t in self.study.best_trials if "duplicate_of" not in t.user_attrs]
             top = [t for t in front if t.user_attrs.get("role") != BASELINE]
         else:
-            top = [t for t in self.ranked() if t.user_attrs.get("role") != BASELINE][: c.top_k]
+            top = [t for t in self.ranked() if t.user_attrs.get("role") != BASELINE][: self._first_round_width()]
         # Baselines that repeat another's placement were not measured again, but their names still count.
         baselines = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                      if t.user_attrs.get("role") == BASELINE]
@@ -422,6 +437,12 @@ class Search:
                                       t.state.name.lower(), ua.get("reason", ""), None, None, {}))
         return list(field.values()), unmeasured
 
+    def _first_round_width(self) -> int:
+        """How many search trials the first final round measures: --top-k, and with several rounds twice that
+        (the rounds after the first keep the --top-k fastest)."""
+        c = self.config
+        return c.top_k * FIRST_ROUND_WIDTH if c.final_rounds > 1 else c.top_k
+
     def final_measure(self, on_measured: Callable[[Contender, int], None] | None = None) -> Decision | None:
         """Re-measure the field interleaved, then decide. None when nothing could be measured."""
         c = self.config
@@ -429,7 +450,9 @@ class Search:
         if not field:
             return None
         with self.workers.working():
-            run_rounds(self.runner, c.model, field, c.workload, c.final_rounds, on_measured)
+            keep = c.top_k if c.objective != "pareto" and c.final_rounds > 1 else None
+            run_rounds(self.runner, c.model, field, c.workload, c.final_rounds, on_measured, keep,
+                       "latency" if c.objective == "pareto" else c.objective)
         self.final_field = field
         return decide(field, "latency" if c.objective == "pareto" else c.objective, c.workload, c.min_pp,
                       unmeasured)

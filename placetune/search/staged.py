@@ -17,6 +17,7 @@ each time, so a resumed study or another worker continues it rather than startin
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,16 +25,20 @@ from typing import Any
 from optuna.trial import FrozenTrial
 
 from placetune.search.frontier import Frontier, conditional, default_params
-from placetune.space import SearchSpace
+from placetune.space import Dimension, SearchSpace
 
 SLACK = "slack"
-# The walk's order: what moves speed most first (see the module docstring); dimensions not named go last.
-ORDER = ("ubatch", "load_mode", "cpu_moe_kinds", "threads", "no_op_offload", "flash_attn", "cpu_moe_position",
-         SLACK, "n_gpu_layers", "cpu_moe_start", "cpu_moe_stride", "batch", "cache_type_k", "cache_type_v",
-         "repack")
+# The walk's steps, what moves speed most first (see the module docstring); dimensions not named go last.
+# ubatch and which expert tensors stay in RAM are walked together: both trade the same accelerator memory
+# (a larger ubatch's compute buffer against experts), so the best of each depends on the other.
+ORDER: tuple[tuple[str, ...], ...] = (
+    ("ubatch", "cpu_moe_kinds"), ("load_mode",), ("threads",), ("no_op_offload",), ("flash_attn",),
+    ("cpu_moe_position",), (SLACK,), ("n_gpu_layers",), ("cpu_moe_start",), ("cpu_moe_stride",), ("batch",),
+    ("cache_type_k",), ("cache_type_v",), ("repack",))
 THREAD_SHARES = (0.75, 0.5, 1.0, 0.875)  # the best -t is often below the core count (13 of 16: shared notes)
 SLACK_STEPS = (1, 3, 0)
 NGL_STEPS = (1, 2)
+HYSTERESIS = 0.0
 OOM_TRIES = 2  # a change that ran out of memory this often, each time a little further from the edge, is done
 
 
@@ -41,20 +46,27 @@ class Walk:
     """Proposes the next trial's parameters, or None when the sampler should take over.
 
     fits: whether full parameters (pins included) fit by the memory model at the search's current margins;
-    flags: the command line a parameter set runs, to know what the study has already tried.
+    flags: the command line a parameter set runs, to know what the study has already tried;
+    speed: a measured trial's speed (higher is better). The walk moves to a better trial only when it is
+    HYSTERESIS faster: one trial's median is a few percent noisy, and following every lucky draw would
+    drift away from a point that is really better.
     """
 
     def __init__(self, space: SearchSpace, facts: dict[str, int], fits: Callable[[dict[str, Any]], bool],
-                 flags: Callable[[dict[str, Any]], str]) -> None:
+                 flags: Callable[[dict[str, Any]], str], speed: Callable[[FrozenTrial], float]) -> None:
         self.space = space
+        self.speed = speed
+        self.incumbent: int | None = None  # the trial the walk moves from
         self.facts = facts
         self._fits = fits
         self.flags = flags
         self.frontier = Frontier(space, facts, self.fits)
         self.defaults = default_params(space, facts)
-        dims = space.dimension_names()
-        self.order = [n for n in ORDER if n in dims or (n == SLACK and self.frontier.dim)]
-        self.order += [n for n in dims if n not in self.order and n != self.frontier.dim]
+        dims = [*space.dimension_names(), *([SLACK] if self.frontier.dim else [])]
+        self.order = [tuple(n for n in step if n in dims) for step in ORDER]
+        self.order = [step for step in self.order if step]
+        named = {n for step in self.order for n in step}
+        self.order += [(n,) for n in dims if n not in named and n != self.frontier.dim]
         self.cursor = 0  # the dimension the walk is at; each pass visits every one once
         self.proposed_in_pass = False
 
@@ -91,9 +103,13 @@ class Walk:
         if untried(reference) is not None:
             return conditional(reference, self.space), "reference: llama.cpp's default knobs, filled to the memory edge"
         same = self.flags(conditional(reference, self.space)) if reference is not None else None
-        incumbent = next((t for t in ranked if t.params or t.user_attrs.get("flags") == same), None)
-        if incumbent is None:
+        eligible = [t for t in ranked if t.params or t.user_attrs.get("flags") == same]
+        if not eligible:
             return None
+        incumbent = next((t for t in eligible if t.number == self.incumbent), eligible[0])
+        if self.speed(eligible[0]) > self.speed(incumbent) * (1 + HYSTERESIS):
+            incumbent = eligible[0]
+        self.incumbent = incumbent.number
         base = {**self.defaults, **(incumbent.params or reference or {})}
         slack = self.frontier.slack(base)
         for _ in range(2 * len(self.order) + 1):
@@ -119,34 +135,38 @@ class Walk:
         rest = {k: v for k, v in conditional(filled, self.space).items() if k != self.frontier.dim}
         return repr(sorted(rest.items()))
 
-    def moves(self, name: str, base: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
-        """Changes of one parameter of the incumbent (a layer family comes with where it starts)."""
-        if name == SLACK:
+    def moves(self, step: tuple[str, ...], base: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+        """Changes of the incumbent in one step's parameters (every combination of a joint step; a layer
+        family comes with where it starts)."""
+        if step == (SLACK,):
             return [({SLACK: s}, f"{s} step(s) short of the memory edge") for s in SLACK_STEPS]
         dims = {d.name: d for d in self.space.dimensions}
-        dim = dims[name]
+        out: list[tuple[dict[str, Any], str]] = []
+        for combo in itertools.product(*(self._values(dims[name], base) for name in step)):
+            changes = {name: v for name, v in zip(step, combo, strict=True) if v != base.get(name)}
+            if not changes:
+                continue
+            if changes.get("cpu_moe_position") in ("block", "interleaved") and "cpu_moe_start" in dims:
+                # a block from the middle; an interleaved set ending at the last layer, where "last" puts them
+                low, high = self.space.bounds(dims["cpu_moe_start"], self.facts)
+                changes["cpu_moe_start"] = (low + high) // 2 if changes["cpu_moe_position"] == "block" else high
+            out.append((changes, ", ".join(f"{k} = {x}" for k, x in changes.items())))
+        return out
+
+    def _values(self, dim: Dimension, base: dict[str, Any]) -> list[Any]:
+        """The values a step tries for one parameter, the incumbent's own first."""
         if dim.choices is not None:
             values = list(dim.choices)
         else:
             low, high = self.space.bounds(dim, self.facts)
-            values = [v for v in self._int_values(name, base, low, high) if low <= v <= high]
-        out: list[tuple[dict[str, Any], str]] = []
-        for v in dict.fromkeys(values):
-            if v == base.get(name):
-                continue
-            changes = {name: v}
-            if name == "cpu_moe_position" and "cpu_moe_start" in dims:
-                # a block from the middle; an interleaved set ending at the last layer, where "last" puts them
-                low, high = self.space.bounds(dims["cpu_moe_start"], self.facts)
-                changes["cpu_moe_start"] = (low + high) // 2 if v == "block" else high
-            out.append((changes, ", ".join(f"{k} = {x}" for k, x in changes.items())))
-        return out
+            values = [v for v in self._int_values(dim.name, base, low, high) if low <= v <= high]
+        return list(dict.fromkeys([base.get(dim.name), *values]))
 
     def _int_values(self, name: str, base: dict[str, Any], low: int, high: int) -> list[int]:
         if name == "threads":
             return [max(1, round(share * self.facts["physical_cores"])) for share in THREAD_SHARES]
         if name == "n_gpu_layers":
-            return [high - step for step in NGL_STEPS]
+            return [*(high - step for step in NGL_STEPS), low]  # low: nothing offloaded, best on some machines
         if name == "cpu_moe_start":
             return [low, (low + high) // 2, high]
         return [low, high, int(base.get(name, low))]

@@ -30,7 +30,7 @@ from placetune.placement import Placement, render_flags
 from placetune.space import to_placement
 from placetune.twin.baselines import baselines
 from placetune.twin.calibration import calibrate
-from placetune.twin.drive import SearchRun, run_search
+from placetune.twin.drive import STRATEGIES, SearchRun, run_search
 from placetune.twin.grid import REFERENCE_SPACE, evaluate
 from placetune.twin.runner import LABEL
 from placetune.twin.scenarios import SCENARIOS, Scenario
@@ -60,7 +60,9 @@ def score_run(scenario: Scenario, run: SearchRun, optimum_s: float, n_trials: in
     best_value, incumbent = math.inf, None
     curve, clock = [], []
     for t in run.trials:
-        if t.state == "COMPLETE" and t.value is not None and not t.duplicate and t.value < best_value:
+        if t.duplicate:  # a placement proposed again: no measurement and no trial of the budget
+            continue
+        if t.state == "COMPLETE" and t.value is not None and t.value < best_value:
             best_value, incumbent = t.value, t.placement
         curve.append(quality(incumbent) if incumbent else 0.0)
         clock.append(t.clock_s)
@@ -88,7 +90,7 @@ def score_run(scenario: Scenario, run: SearchRun, optimum_s: float, n_trials: in
     }
 
 
-def bench_scenario(name: str, seeds: int, n_trials: int) -> dict[str, Any]:
+def bench_scenario(name: str, seeds: int, n_trials: int, strategy: str = "staged") -> dict[str, Any]:
     """Optimum, baselines and every seed's search for one scenario (runs in a worker process)."""
     scenario = SCENARIOS[name]
     shape = model_shape(scenario.model)
@@ -103,7 +105,7 @@ def bench_scenario(name: str, seeds: int, n_trials: int) -> dict[str, Any]:
     base = [asdict(b) for b in baselines(scenario)]
     runs = []
     for seed in range(seeds):
-        record = score_run(scenario, run_search(scenario, seed, n_trials), optimum_s, n_trials)
+        record = score_run(scenario, run_search(scenario, seed, n_trials, strategy), optimum_s, n_trials)
         runs.append({"seed": seed, **record})
     return {
         "scenario": name, "why": scenario.why, "machine": scenario.machine.description,
@@ -142,7 +144,8 @@ def markdown(results: list[dict[str, Any]], calibration: list[Any], meta: dict[s
     lines = [
         f"# placetune's search on the machine twin ({LABEL})", "",
         f"Every figure below is {LABEL} by the calibrated twin (placetune/twin), not measured. "
-        f"Search: {meta['trials']} trials per seed, {meta['seeds']} seeds, placetune {meta['revision']}; "
+        f"Search: strategy {meta.get('strategy', 'staged')}, {meta['trials']} trials per seed, {meta['seeds']} seeds, "
+        f"placetune {meta['revision']}; "
         f"optimum: exhaustive over reference space {REFERENCE_SPACE}. Quality = true speed of the search's "
         f"named winner / true optimum; 'vs X' = winner speed / X's speed (median, worst).", "",
         "| scenario | optimum s | quality median | worst | seeds ≥ 0.98 | trials to 0.98 | sim. h to 0.98 "
@@ -253,6 +256,8 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated; default: all")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--compare", type=Path, help="an earlier twin.json to compare with")
+    parser.add_argument("--strategy", default="staged", choices=STRATEGIES,
+                        help="the search strategy (placetune.search.config.STRATEGIES)")
     args = parser.parse_args()
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -269,7 +274,7 @@ def main() -> None:
     started = time.perf_counter()
     order = sorted(names, key=lambda n: -model_shape(SCENARIOS[n].model).n_layers)  # the slowest first
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {n: pool.submit(bench_scenario, n, args.seeds, args.trials) for n in order}
+        futures = {n: pool.submit(bench_scenario, n, args.seeds, args.trials, args.strategy) for n in order}
         results = []
         for n in names:
             r = futures[n].result()
@@ -281,7 +286,8 @@ def main() -> None:
                   + ", ".join(f"vs {k} {v['median']:.2f}" for k, v in s["versus"].items())
                   + f" [{r['wall_s']:.0f} s]", flush=True)
             results.append(r)
-    meta = {"seeds": args.seeds, "trials": args.trials, "revision": _revision(), "reference_space": REFERENCE_SPACE,
+    meta = {"seeds": args.seeds, "trials": args.trials, "strategy": args.strategy, "revision": _revision(),
+            "reference_space": REFERENCE_SPACE,
             "label": LABEL, "wall_s": time.perf_counter() - started}
     (args.out / "twin.json").write_text(json.dumps(
         {"meta": meta, "scenarios": results, "calibration": [{**asdict(c), "ratio": c.ratio, "ok": c.ok}

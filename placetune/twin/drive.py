@@ -22,7 +22,7 @@ from placetune.hardware import LlamaDevice, Machine
 from placetune.placement import render_flags
 from placetune.predict import Bandwidth
 from placetune.search import Search, serving_for
-from placetune.search.config import SearchConfig
+from placetune.search.config import STRATEGIES, SearchConfig
 from placetune.search.seeds.by_hand import ByHand
 from placetune.search.seeds.fit import LlamaFitParams
 from placetune.search.seeds.roofline import Roofline
@@ -34,6 +34,7 @@ from placetune.twin.runner import LABEL, TwinRunner
 from placetune.twin.scenarios import Scenario
 from placetune.twin.shape import model_shape
 
+__all__ = ["STRATEGIES", "SearchRun", "TrialRecord", "run_search", "twin_machine"]
 RAM_PROBE_SHARE = 0.75  # what placetune's RAM probe reads of a machine's theoretical bandwidth
 
 @dataclass(frozen=True)
