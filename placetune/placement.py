@@ -7,6 +7,7 @@ both spellings come from the tables here, and `parse_flags` reads either back in
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from collections.abc import Iterable, Sequence
@@ -189,6 +190,12 @@ def layer_runs(layers: Iterable[int]) -> list[tuple[int, int]]:
 
 def layers_regex(layers: Iterable[int]) -> str:
     """A compact regex for exactly these layers: `7`, or `(1[0-9]|2[0-3])` for 10..23."""
+    return _layers_regex(tuple(sorted(set(layers))))
+
+
+@functools.lru_cache(maxsize=4096)
+def _layers_regex(layers: tuple[int, ...]) -> str:
+    """Cached: every tensor's buffer is decided by matching its name against each rule's pattern."""
     alts = [alt for lo, hi in layer_runs(layers) for alt in _range_regex(lo, hi)]
     if not alts:
         raise PlacetuneError("no layers given for an expert rule")
