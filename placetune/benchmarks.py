@@ -5,7 +5,8 @@
    the harness overhead (wall time of a measurement vs the time llama.cpp spent measuring).
 2. Search efficiency on the RPC rig: an exhaustive grid over GPU layers x expert layers in RAM x
    ubatch, then `search` over the same space; best(search)/best(grid) (target >= 0.98) and
-   time(search)/time(grid) (target <= 0.2).
+   time(search)/time(grid) (target <= 0.2). The search's named winner (which may be a baseline, when
+   nothing beat it beyond the noise) is judged on the grid's own measurement of the same flags.
 3. Feasibility check speed: predict_memory + check_fit on a Qwen3-30B-A3B-shaped anatomy (48 layers,
    128 experts, built from synth's tensor plan without writing the file) for every (-ngl, --n-cpu-moe)
    pair, as the bandwidth-model seed walks them (target: under 1 ms per check).
@@ -32,7 +33,7 @@ from placetune.placement import ExpertRule, Placement, parse_flags, render_flags
 from placetune.runners import get_runner
 from placetune.runners.base import Measurement, Workload
 from placetune.runners.rpc import rpc_server
-from placetune.search import Search, SearchConfig, objective_value
+from placetune.search import Search, SearchConfig, objective_value, serving_for
 from placetune.space import Dimension, SearchSpace, to_placement
 from placetune.synth import planned_anatomy, preset_spec, tiny_spec, write_model
 
@@ -88,26 +89,31 @@ def bench_search_efficiency(model: Path, rpc: str, n_trials: int) -> dict[str, A
     machine = probe_machine([rpc])
     runner = get_runner("embedded", rpc=[rpc], reuse=True)  # both grid and search keep models loaded
     space = _grid_space(anatomy.facts.n_layers)
+    serving = serving_for(anatomy, GRID_WORKLOAD)  # the grid runs what the search runs: the same -c and -np
     n = anatomy.facts.n_layers
     combos = list(itertools.product(range(n + 2), range(n + 1), (64, 256)))
     # The first client of a fresh ggml-rpc-server runs several times slower: keep that out of both.
     get_runner("embedded", rpc=[rpc]).measure(model, to_placement({**space.pinned, "n_gpu_layers": n + 1}, anatomy),
                                               GRID_WORKLOAD)
     grid: dict[str, float] = {}
+
+    def measure(placement: Placement) -> None:
+        m = runner.measure(model, placement, GRID_WORKLOAD)
+        grid[render_flags(placement)] = (objective_value("latency", m.pp.median, m.tg.median, GRID_WORKLOAD)
+                                         if m.ok else float("inf"))
+
     started = time.perf_counter()
     for ngl, n_cpu, ub in combos:
-        placement = to_placement({**space.pinned, "n_gpu_layers": ngl, "cpu_moe_layers": n_cpu, "ubatch": ub}, anatomy)
-        flags = render_flags(placement)
-        if flags in grid:
-            continue
-        m = runner.measure(model, placement, GRID_WORKLOAD)
-        grid[flags] = objective_value("latency", m.pp.median, m.tg.median, GRID_WORKLOAD) if m.ok else float("inf")
+        placement = serving.apply(to_placement({**space.pinned, "n_gpu_layers": ngl, "cpu_moe_layers": n_cpu,
+                                                "ubatch": ub}, anatomy))
+        if render_flags(placement) not in grid:
+            measure(placement)
     grid_s = time.perf_counter() - started
     runner.close()  # ggml-rpc-server serves one client at a time; the search's seeds need it too
 
     with tempfile.TemporaryDirectory() as tmp:
         config = SearchConfig(
-            model=model, anatomy=anatomy, machine=machine, space=space, workload=GRID_WORKLOAD,
+            model=model, anatomy=anatomy, machine=machine, space=space, workload=GRID_WORKLOAD, serving=serving,
             objective="latency", n_trials=n_trials, storage=f"sqlite:///{tmp}/bench.db", rpc=[rpc],
             top_k=3, final_rounds=1,
         )
@@ -115,19 +121,23 @@ def bench_search_efficiency(model: Path, rpc: str, n_trials: int) -> dict[str, A
         search = Search(config, runner)
         search.enqueue_seeds()
         search.run()
-        finals = search.final_measure()
+        decision = search.final_measure()
         search_s = time.perf_counter() - started
-    runner.close()
-    if not finals:
+    if not decision:
+        runner.close()
         raise SystemExit(f"search named no winner: {search.no_winner_reason()}")
-    winner_flags = finals[0][0].user_attrs["flags"]
+    winner = decision.winner
+    if winner.flags not in grid:  # a baseline (llama.cpp's own answer) is no grid point: measure it as one
+        measure(winner.placement)
+    runner.close()
     best_grid_flags = min(grid, key=grid.__getitem__)
     # Judge both winners on the grid's own measurements, so noise between sessions does not decide.
-    ratio = grid[best_grid_flags] / grid[winner_flags]
+    ratio = grid[best_grid_flags] / grid[winner.flags]
     return {
         "model": str(model), "grid_points": len(grid), "grid_s": grid_s, "search_trials": n_trials,
         "search_s": search_s, "best_grid": {"flags": best_grid_flags, "latency_s": grid[best_grid_flags]},
-        "best_search": {"flags": winner_flags, "latency_s_on_grid": grid[winner_flags]},
+        "best_search": {"name": winner.name, "role": winner.role, "flags": winner.flags,
+                        "latency_s_on_grid": grid[winner.flags], "decision": decision.message},
         "quality_ratio": ratio, "time_ratio": search_s / grid_s,
         "targets": {"quality_ratio": ">= 0.98", "time_ratio": "<= 0.20"},
     }
@@ -173,6 +183,8 @@ def _markdown(runners: dict[str, Any], efficiency: dict[str, Any], feasibility: 
               "", "## Search efficiency on the RPC rig", "",
               f"grid: {efficiency['grid_points']} placements in {efficiency['grid_s']:.1f} s; "
               f"search: {efficiency['search_trials']} trials in {efficiency['search_s']:.1f} s", "",
+              f"named winner: {efficiency['best_search']['name']} (`{efficiency['best_search']['flags']}`); "
+              f"{efficiency['best_search']['decision']}", "",
               f"best(search)/best(grid) = {efficiency['quality_ratio']:.3f} (target >= 0.98)", "",
               f"time(search)/time(grid) = {efficiency['time_ratio']:.3f} (target <= 0.20)", "",
               "## Feasibility check (predict_memory + check_fit)", "",

@@ -276,7 +276,7 @@ def search_summary(record: BestRecord, console: Console) -> None:
             continue
         cells = [f"{st['median']:.2f} ±{st['spread']:.1%}" if st else "" for st in (row["pp"], row["tg"])]
         table.add_row(label, *cells, "winner" if row["role"] == "winner" else
-                      _ratio_cell(row["vs_winner"].get("objective")))
+                      _ratio_cell(row["vs_winner"].get("objective")) or f"[dim]{escape(row['reason'])}[/]")
     console.print(table)
     for row in unmeasured:
         console.print(f"[dim]{escape(row['name'])}: {escape(row['reason'])}[/]", highlight=False)

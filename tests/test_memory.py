@@ -19,6 +19,7 @@ from placetune.memory import (
     COMPUTE_TOLERANCE,
     COMPUTE_TOLERANCE_ABS,
     DeviceNeed,
+    LoadedEvidence,
     MarginFeedback,
     check_fit,
     context_shape,
@@ -141,6 +142,34 @@ def test_margin_feedback_widens_the_device_that_ran_out() -> None:
     assert not check_fit(need, capacity, margin=feedback.margins()).fits  # the same placement is pruned now
     assert feedback.margin("CUDA1") == feedback.base
     assert feedback.to_dict()["events"] == [line]
+
+
+def test_margin_widening_shrinks_for_a_smaller_compute_buffer() -> None:
+    gib = 2**30
+    capacity = {"CUDA0": 10 * gib, "CPU": 64 * gib}
+    big = {"CUDA0": DeviceNeed(weights=7 * gib, kv=gib, compute=gib), "CPU": DeviceNeed(gib, 0, 0)}
+    feedback = MarginFeedback()
+    feedback.record_oom(big, capacity, "CUDA0")  # -ub 2048: 1 GiB of compute, 1 GiB thought free
+    widened = feedback.margin("CUDA0", gib)
+    assert widened == gib + feedback.step and feedback.margin("CUDA0") == widened
+    quarter = feedback.margin("CUDA0", gib // 4)  # -ub 512: a quarter of the compute buffer, a quarter of the widening
+    assert quarter == feedback.base + (widened - feedback.base) // 4
+    assert feedback.margin("CUDA0", 2 * gib) == widened  # never less for a larger one
+    small = {"CUDA0": DeviceNeed(weights=8 * gib, kv=gib, compute=gib // 4), "CPU": DeviceNeed(gib, 0, 0)}
+    line = feedback.record_oom(small, capacity, "CUDA0")  # the error did not shrink: that size learns its own
+    assert "compute buffer 256.00 MiB" in line and feedback.margin("CUDA0", gib // 4) > quarter
+
+
+def test_a_placement_that_loaded_proves_that_smaller_ones_fit() -> None:
+    gib = 2**30
+    evidence = LoadedEvidence()
+    loaded = {"CUDA0": DeviceNeed(weights=9 * gib, kv=gib // 2, compute=gib), "CPU": DeviceNeed(gib, 0, 0)}
+    evidence.record(loaded)
+    assert not check_fit(loaded, {"CUDA0": 10 * gib, "CPU": 64 * gib}, margin=gib).fits  # the margin alone says no
+    assert evidence.covers(loaded)
+    assert evidence.covers({"CUDA0": DeviceNeed(weights=8 * gib, kv=gib, compute=gib // 2)})
+    assert not evidence.covers({"CUDA0": DeviceNeed(weights=8 * gib, kv=gib // 2, compute=2 * gib)})  # more compute
+    assert not evidence.covers({"CUDA1": DeviceNeed(weights=gib, kv=0, compute=0)})  # nothing loaded there
 
 
 def test_op_offload_copies_cpu_weights_to_the_accelerator(tiny_moe: Path) -> None:

@@ -14,13 +14,14 @@ import pandas as pd
 import pytest
 from conftest import on_rpc_cpu
 
-from placetune.anatomy import read_anatomy
+from placetune.anatomy import Group, read_anatomy
 from placetune.memory import predict_memory
 from placetune.placement import ExpertRule, Placement, bytes_per_buffer, render_server_command
 from placetune.runners import get_runner
 from placetune.runners.base import Workload
 from placetune.runners.binaries import find_binary
 from placetune.runners.llama_server import free_port, running_server
+from placetune.space import to_placement
 
 # -lm none: with mmap, llama.cpp reports the mapped file span of CPU tensors (which can include
 # tensors that live elsewhere), not their exact bytes.
@@ -100,3 +101,29 @@ def test_unreachable_rpc_endpoint_is_one_line_not_a_hang(tiny_moe: Path) -> None
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and f"127.0.0.1:{closed} is unreachable" in lines[0]
+
+
+@pytest.mark.parametrize("runner_name", ["embedded", "llama-bench"])
+def test_interleaved_experts_land_where_asked_on_the_rpc_rig(runner_name: str, tiny_moe: Path,
+                                                            rpc_server: str) -> None:
+    """The search space's interleaved family (every k-th layer from s) as llama.cpp receives it: its -ot rule
+    moves exactly those layers' experts to the CPU, and llama.cpp's log says so."""
+    anatomy = read_anatomy(tiny_moe)
+    params = {"n_gpu_layers": anatomy.facts.n_layers + 1, "cpu_moe_layers": 2, "cpu_moe_position": "interleaved",
+              "cpu_moe_start": 1, "cpu_moe_stride": 2, "cpu_moe_kinds": "all", "threads": 1, "repack": False,
+              "load_mode": "none"}
+    placement = to_placement(params, anatomy)
+    assert placement.overrides[0].layers == (1, 3)
+    m = get_runner(runner_name, rpc=[rpc_server]).measure(tiny_moe, placement, WORKLOAD)
+    assert m.ok, m.reason
+    assert not m.placement_issues  # every "buffer type overridden" line matches the rule, and nothing else moved
+    predicted = bytes_per_buffer(anatomy, placement, ["RPC0"])
+    for device, size in predicted.items():
+        assert close(m.device_memory[device], size), (device, m.device_memory, predicted)
+    per_layer = {t.layer: 0 for t in anatomy.tensors if t.group is Group.EXPERT}
+    for t in anatomy.tensors:
+        if t.group is Group.EXPERT:
+            per_layer[t.layer] += t.n_bytes
+    in_ram = per_layer[1] + per_layer[3]
+    all_on_rpc = bytes_per_buffer(anatomy, ALL_ON_RPC, ["RPC0"])
+    assert close(all_on_rpc["RPC0"] - m.device_memory["RPC0"], in_ram)

@@ -21,12 +21,15 @@ from placetune.budgets import parse_budgets
 from placetune.errors import PlacetuneError
 from placetune.hardware import LlamaDevice, Machine
 from placetune.memory import check_fit, predict_memory
-from placetune.placement import Placement, bytes_per_buffer, render_flags
+from placetune.placement import ExpertRule, Placement, bytes_per_buffer, parse_flags, render_flags
 from placetune.runners.base import Measurement, Stats, Workload
-from placetune.search import Decision, Search, SearchConfig, counted, serving_for
+from placetune.search import Contender, Decision, Search, SearchConfig, counted, serving_for
+from placetune.search.finals import decide, run_rounds
 from placetune.search.seeds.by_hand import ByHand
+from placetune.search.seeds.filled import FilledDefaults
 from placetune.search.seeds.roofline import Roofline
-from placetune.space import builtin_space, load_space, resolve_space, to_placement
+from placetune.space import builtin_space, facts_for, interleaved, load_space, resolve_space, to_placement
+from placetune.synth import planned_anatomy, tiny_spec
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 GIB = 2**30
@@ -399,3 +402,100 @@ def test_an_out_of_memory_trial_widens_the_margin_for_the_rest_of_the_study(tiny
     again = Search(replace(cfg, allow_colocated=True), RunsOutOfMemory(anatomy, cfg.devices))
     assert again.margins.widened == search.margins.widened
     assert any("margins widened by earlier out-of-memory trials" in n for n in again.notes)
+
+
+def test_interleaved_layers_render_and_parse_back() -> None:
+    anatomy = planned_anatomy(tiny_spec("qwen3moe", n_layers=12))
+    params = {"n_gpu_layers": 13, "cpu_moe_layers": 4, "cpu_moe_position": "interleaved", "cpu_moe_start": 3,
+              "cpu_moe_stride": 3, "cpu_moe_kinds": "all"}
+    placement = to_placement(params, anatomy)
+    assert placement.overrides[0].layers == (2, 5, 8, 11)  # the start moves back so that all four fit
+    assert interleaved(list(range(12)), 4, 0, 2) == [0, 2, 4, 6]
+    assert interleaved(list(range(12)), 8, 5, 2) == [0, 2, 4, 6, 8, 10]  # too wide: as many as there are
+    flags = render_flags(placement)
+    assert r"-ot 'blk\.(2|5|8|11)\.ffn_" in flags
+    assert parse_flags(flags) == placement  # the -ot rule reads back as the same expert rule
+    downs = to_placement({**params, "cpu_moe_kinds": "down", "cpu_moe_stride": 2}, anatomy)
+    assert parse_flags(render_flags(downs)) == downs and downs.overrides[0].layers == (3, 5, 7, 9)
+    # The sampler asks for a start and a stride only where they mean something.
+    space = builtin_space("moe")
+    assert "interleaved" in next(d.choices for d in space.dimensions if d.name == "cpu_moe_position")
+    study = optuna.create_study()
+    for position, wanted in (("first", set()), ("block", {"cpu_moe_start"}),
+                             ("interleaved", {"cpu_moe_start", "cpu_moe_stride"})):
+        study.enqueue_trial({"cpu_moe_layers": 2, "cpu_moe_position": position})
+        suggested = space.suggest(study.ask(), facts_for(anatomy, 4))
+        assert {"cpu_moe_start", "cpu_moe_stride"} & set(suggested) == wanted
+
+
+def _between_all_and_no_experts_in_ram(anatomy, ctx: int) -> int:
+    """An RPC0 budget that every layer fits into only with some, not all, experts in RAM."""
+    layers = anatomy.facts.n_layers + 1
+    full, bare = (predict_memory(anatomy, Placement(n_gpu_layers=layers, overrides=rules, ctx=ctx), ["RPC0"], ctx)
+                  ["RPC0"].total for rules in ((), (ExpertRule(layers=None),)))
+    return (full + bare) // 2
+
+
+def test_filled_defaults_seed_sits_on_the_memory_edge(tiny_moe: Path, tmp_path: Path) -> None:
+    anatomy = read_anatomy(tiny_moe)
+    budget = _between_all_and_no_experts_in_ram(anatomy, config(anatomy, tiny_moe, tmp_path).serving.ctx)
+    cfg = config(anatomy, tiny_moe, tmp_path, budgets={"RPC0": budget}, margin=0,
+                 seed_sources=[FilledDefaults()])
+    search = Search(cfg, LandscapeRunner(anatomy, cfg.devices))
+    (seed,), notes = search.seeds()
+    assert seed.role == "candidate" and not notes
+    assert seed.params["ubatch"] == 512 and seed.params["threads"] == 4 and seed.params["load_mode"] == "auto"
+    assert seed.params["cpu_moe_position"] == "last" and seed.params["n_gpu_layers"] == anatomy.facts.n_layers + 1
+    assert search.feasibility(seed.placement).fits
+    fuller = {**seed.params, "cpu_moe_layers": seed.params["cpu_moe_layers"] - 1}
+    assert not search.feasibility(cfg.serving.apply(to_placement(fuller, anatomy))).fits
+
+
+def test_staged_walk_fills_to_the_edge_and_finds_the_optimum(tiny_moe: Path, tmp_path: Path) -> None:
+    anatomy = read_anatomy(tiny_moe)
+    budget = _between_all_and_no_experts_in_ram(anatomy, config(anatomy, tiny_moe, tmp_path).serving.ctx)
+    cfg = config(anatomy, tiny_moe, tmp_path, budgets={"RPC0": budget}, margin=0, n_trials=20,
+                 seed_sources=[ByHand(), FilledDefaults()])
+    runner = LandscapeRunner(anatomy, cfg.devices)
+    search, decision = run(cfg, runner)
+    walked = [t for t in search.study.trials if "proposed" in t.user_attrs]
+    assert len(walked) >= 10
+    assert all("predicted not to fit" not in t.user_attrs.get("reason", "") for t in walked)
+    flags = [t.user_attrs["flags"] for t in walked]
+    assert len(flags) == len(set(flags))  # the walk never proposes a placement twice
+    # The landscape's optimum under the budget: 3 threads and the fullest placement that fits.
+    best = Placement.from_dict(decision.winner.placement.to_dict())
+    assert decision.beat_baseline and best.threads == 3
+    best_bytes = sum(v for k, v in bytes_per_buffer(anatomy, best, ["RPC0"]).items() if k != "CPU")
+    for t in search.study.trials:
+        if t.state.name == "COMPLETE" and t.user_attrs.get("role") != "baseline":
+            p = Placement.from_dict(t.user_attrs["placement"])
+            assert sum(v for k, v in bytes_per_buffer(anatomy, p, ["RPC0"]).items() if k != "CPU") <= best_bytes
+
+
+def test_tpe_strategy_is_the_sampler_alone(tiny_moe: Path, tmp_path: Path) -> None:
+    anatomy = read_anatomy(tiny_moe)
+    cfg = config(anatomy, tiny_moe, tmp_path, n_trials=8, strategy="tpe")
+    search, _ = run(cfg, LandscapeRunner(anatomy, cfg.devices))
+    assert not [t for t in search.study.trials if "proposed" in t.user_attrs]
+    with pytest.raises(PlacetuneError, match="strategy 'grid'"):
+        Search(config(anatomy, tiny_moe, tmp_path, strategy="grid"), LandscapeRunner(anatomy, cfg.devices))
+
+
+def test_first_final_round_is_wider_and_the_rest_keep_the_fastest() -> None:
+    speeds = {1: 100.0, 2: 300.0, 3: 200.0, 4: 150.0}  # trial number -> tg; trial 1 is the baseline
+
+    class Exact:
+        def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
+            tg = speeds[placement.threads]
+            return Measurement("exact", "ok", pp=Stats((1000.0,) * 2, 64), tg=Stats((tg, tg * 1.01), 16))
+
+    field = [Contender(f"t{n}", "baseline" if n == 1 else "search", n, Placement(threads=n), f"-t {n}")
+             for n in speeds]
+    run_rounds(Exact(), Path("m.gguf"), field, Workload(n_prompt=64, n_gen=16, repetitions=2), rounds=3,
+               keep=1, objective="tg")
+    by = {c.trial: c for c in field}
+    assert by[2].ok and by[1].ok and len(by[2].tg) == len(by[1].tg) == 6  # the fastest trial and every baseline
+    assert by[3].status == by[4].status == "dropped" and len(by[3].tg) == 2  # measured in the first round only
+    decision = decide(field, "tg", Workload(n_prompt=64, n_gen=16))
+    assert decision.winner.trial == 2 and {r.status for r in decision.rows} == {"ok", "dropped"}

@@ -70,6 +70,11 @@ class Frontier:
             self.values = list(range(low, high + 1, spec.step))
         if self.dim == LAYERS:
             self.values.reverse()  # fuller first: most layers on the accelerator
+        self.layers: list[int] = []  # -ngl values, ascending, when experts are the fill and -ngl is searched too
+        if self.dim == EXPERTS and LAYERS in space.dimension_names():
+            spec = next(d for d in space.dimensions if d.name == LAYERS)
+            low, high = space.bounds(spec, facts)
+            self.layers = list(range(low, high + 1, spec.step))
 
     def edge(self, params: dict[str, Any]) -> int | None:
         """Index into `values` of the fullest fill that fits with the other parameters as given; None if none."""
@@ -98,10 +103,43 @@ class Frontier:
         return 0 if edge is None else max(0, self.values.index(params[self.dim]) - edge)
 
     def place(self, params: dict[str, Any], slack: int = 0) -> dict[str, Any] | None:
-        """params with the fill `slack` steps short of the edge; None when nothing fits with these parameters."""
+        """params with the fill `slack` steps short of the edge; None when nothing fits with these parameters.
+
+        When not even every expert in RAM fits with this -ngl, fewer layers go to the accelerator: the most
+        that fit with every expert in RAM, then filled as usual.
+        """
         if self.dim is None:
             return params if self.fits(params) else None
         edge = self.edge(params)
-        if edge is None:
+        if edge is None and self.dim == EXPERTS and self.layers:
+            params = self._fewer_layers(params)
+            edge = None if params is None else self.edge(params)
+        if edge is None or params is None:
             return None
         return {**params, self.dim: self.values[min(edge + slack, len(self.values) - 1)]}
+
+    def _fewer_layers(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        """params with the most layers below its -ngl that fit with every expert in RAM; None if none does."""
+        below = [v for v in self.layers if v < params.get(LAYERS, self.layers[-1] + 1)]
+
+        def ok(i: int) -> bool:
+            return self.fits({**params, LAYERS: below[i], EXPERTS: self.values[-1]})
+
+        if not below or not ok(0):
+            return None
+        low, high = 0, len(below) - 1
+        while low < high:  # the largest i that fits: fewer layers, less memory
+            mid = (low + high + 1) // 2
+            if ok(mid):
+                low = mid
+            else:
+                high = mid - 1
+        return {**params, LAYERS: below[low]}
+
+
+def filled_defaults(space: SearchSpace, facts: dict[str, int],
+                    fits: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """llama.cpp's default knobs with the accelerator filled to the memory edge (what --fit would pick, at the
+    search's own margins, as a point of the search space); None when nothing fits."""
+    placed = Frontier(space, facts, fits).place(default_params(space, facts))
+    return None if placed is None else conditional(placed, space)

@@ -84,7 +84,7 @@ class Search:
         self.evidence = LoadedEvidence()
         self._needs: dict[Placement, dict[str, DeviceNeed]] = {}
         self._learn_from_ooms()
-        self.walk = Walk(config.space, self.facts, self._params_fit, self._params_flags, self._speed) \
+        self.walk = Walk(config.space, self.facts, self._params_fit, self._params_flags) \
             if config.strategy == "staged" else None
         if self.margins.widened:
             self.notes.append("margins widened by earlier out-of-memory trials: " + ", ".join(
@@ -126,12 +126,6 @@ class Search:
                 self.margins.record_oom(_needs_from(need), self.config.capacity())
             elif t.user_attrs.get("status") == "ok" and t.user_attrs.get("predicted_need"):
                 self.evidence.record(_needs_from(t.user_attrs["predicted_need"]))
-
-    def _speed(self, t: FrozenTrial) -> float:
-        """A measured trial's speed, higher is better (pareto: by the latency of the workload)."""
-        c = self.config
-        value = t.values[0] if c.objective != "pareto" else objective_value("latency", *t.values, c.workload)
-        return 1.0 / value if c.objective in ("latency", "pareto") else value
 
     def _params_placement(self, params: dict[str, Any]) -> Placement:
         return self.config.serving.apply(to_placement({**self.config.space.pinned, **params}, self.config.anatomy))

@@ -1,18 +1,22 @@
-"""The staged search: coordinate descent along the feasible frontier, then the sampler.
+"""The staged search: a walk along the memory frontier from llama.cpp's defaults, then the sampler.
 
 Forty trials do not go far in a space of hundreds of millions of points when most of it does not fit and
 the rest is flat except along a few knobs. So before the sampler, the search walks:
-  1. the reference: llama.cpp's default knobs, every layer on the accelerator and the fewest expert layers
-     in RAM that fit (what --fit would pick, at the search's own margins);
-  2. from the best trial so far (the incumbent), one parameter at a time, in order of how much it moves
-     speed in llama.cpp's own measurements (ubatch first: PR 15346; --no-mmap: PR 14990; which expert
-     tensors; threads; op offload; flash attention; which layers; -ngl; batch), each candidate re-filled
-     to the frontier for its knobs (a larger ubatch needs a larger compute buffer, so fewer experts fit) and
-     kept as far from the edge as the incumbent is (`slack`, also a step of its own);
-  3. when no single change of the incumbent is left untried, the sampler takes over, having learned from
-     every trial of the walk.
-Every step is a measured trial; nothing is assumed faster. The walk is computed from the study's trials
-each time, so a resumed study or another worker continues it rather than starting over.
+  1. the reference (seeds/filled.py): llama.cpp's default knobs, every layer on the accelerator and the
+     fewest expert layers in RAM that fit (what --fit would pick, at the search's own margins);
+  2. from the best trial so far (the incumbent), one step at a time, in order of how much each moves speed
+     in llama.cpp's own measurements: ubatch together with which expert tensors stay in RAM (both trade the
+     accelerator's memory: PR 15346 for ubatch), --no-mmap (PR 14990), threads, op offload, flash
+     attention, which layers (first, last, a block, interleaved), how far from the memory edge, -ngl,
+     batch. Every candidate is re-filled to the edge for its own knobs (a larger ubatch needs a larger
+     compute buffer, so fewer experts fit) and kept as far from it as the incumbent is. A pass visits each
+     step once; passes repeat while they find something untried;
+  3. when a whole pass finds nothing untried, the sampler (TPE) proposes, having learned from every trial
+     of the walk.
+Every step is a measured trial; nothing is assumed faster. A change measured once is not measured again
+because out-of-memory trials have since moved the edge; one that ran out of memory is tried again at the
+new edge, OOM_TRIES times at most. What was tried is read from the study's trials, so a resumed study or
+another worker continues the walk rather than starting over.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
-from placetune.search.frontier import Frontier, conditional, default_params
+from placetune.search.frontier import Frontier, conditional, default_params, filled_defaults
 from placetune.space import Dimension, SearchSpace
 
 SLACK = "slack"
@@ -38,7 +42,6 @@ ORDER: tuple[tuple[str, ...], ...] = (
 THREAD_SHARES = (0.75, 0.5, 1.0, 0.875)  # the best -t is often below the core count (13 of 16: shared notes)
 SLACK_STEPS = (1, 3, 0)
 NGL_STEPS = (1, 2)
-HYSTERESIS = 0.0
 OOM_TRIES = 2  # a change that ran out of memory this often, each time a little further from the edge, is done
 
 
@@ -46,17 +49,12 @@ class Walk:
     """Proposes the next trial's parameters, or None when the sampler should take over.
 
     fits: whether full parameters (pins included) fit by the memory model at the search's current margins;
-    flags: the command line a parameter set runs, to know what the study has already tried;
-    speed: a measured trial's speed (higher is better). The walk moves to a better trial only when it is
-    HYSTERESIS faster: one trial's median is a few percent noisy, and following every lucky draw would
-    drift away from a point that is really better.
+    flags: the command line a parameter set runs, to know what the study has already tried.
     """
 
     def __init__(self, space: SearchSpace, facts: dict[str, int], fits: Callable[[dict[str, Any]], bool],
-                 flags: Callable[[dict[str, Any]], str], speed: Callable[[FrozenTrial], float]) -> None:
+                 flags: Callable[[dict[str, Any]], str]) -> None:
         self.space = space
-        self.speed = speed
-        self.incumbent: int | None = None  # the trial the walk moves from
         self.facts = facts
         self._fits = fits
         self.flags = flags
@@ -67,7 +65,7 @@ class Walk:
         self.order = [step for step in self.order if step]
         named = {n for step in self.order for n in step}
         self.order += [(n,) for n in dims if n not in named and n != self.frontier.dim]
-        self.cursor = 0  # the dimension the walk is at; each pass visits every one once
+        self.cursor = 0  # the step the walk is at; each pass visits every one once
         self.proposed_in_pass = False
 
     def fits(self, params: dict[str, Any]) -> bool:
@@ -79,7 +77,7 @@ class Walk:
 
         trials: the study's trials, none of them waiting (a queued trial is run before anything is proposed);
         ranked: the measured ones, best first. The incumbent is the best with search parameters, or a seed
-        that ran the reference's very flags. One dimension at a time: a trial that only noise makes the
+        that ran the reference's very flags. One step at a time: a trial that only noise makes the
         incumbent does not restart the pass.
         """
         tried = {t.user_attrs.get("flags") for t in trials}
@@ -99,17 +97,13 @@ class Walk:
                 return None
             return candidate
 
-        reference = self.frontier.place(self.defaults)
+        reference = filled_defaults(self.space, self.facts, self.fits)  # seeds.filled's candidate
         if untried(reference) is not None:
-            return conditional(reference, self.space), "reference: llama.cpp's default knobs, filled to the memory edge"
-        same = self.flags(conditional(reference, self.space)) if reference is not None else None
-        eligible = [t for t in ranked if t.params or t.user_attrs.get("flags") == same]
-        if not eligible:
+            return reference, "reference: llama.cpp's default knobs, filled to the memory edge"
+        same = self.flags(reference) if reference is not None else None
+        incumbent = next((t for t in ranked if t.params or t.user_attrs.get("flags") == same), None)
+        if incumbent is None:
             return None
-        incumbent = next((t for t in eligible if t.number == self.incumbent), eligible[0])
-        if self.speed(eligible[0]) > self.speed(incumbent) * (1 + HYSTERESIS):
-            incumbent = eligible[0]
-        self.incumbent = incumbent.number
         base = {**self.defaults, **(incumbent.params or reference or {})}
         slack = self.frontier.slack(base)
         for _ in range(2 * len(self.order) + 1):

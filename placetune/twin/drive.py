@@ -26,6 +26,7 @@ from placetune.search import Search, serving_for
 from placetune.search.config import STRATEGIES, SearchConfig
 from placetune.search.seeds import Seed, SeedContext, SeedSource
 from placetune.search.seeds.by_hand import ByHand
+from placetune.search.seeds.filled import FilledDefaults
 from placetune.search.seeds.fit import LlamaFitParams
 from placetune.search.seeds.roofline import Roofline
 from placetune.space import resolve_space, to_placement
@@ -117,7 +118,7 @@ def run_search(scenario: Scenario, seed: int, n_trials: int, strategy: str = "st
         serving=serving_for(anatomy, scenario.workload, ctx=scenario.n_ctx), objective=scenario.objective,
         strategy=strategy, n_trials=n_trials, seed=seed, storage=MEMORY_STORAGE, runner_name=TwinRunner.name,
         bandwidths=bandwidths,
-        seed_sources=[*sources, ByHand(), _Once(Roofline(), scenario.name)],
+        seed_sources=[*sources, ByHand(), _Once(Roofline(), scenario.name), FilledDefaults()],
     )
     search = Search(config, runner, on_trial=on_trial)
     notes = [*search.notes, *search.enqueue_seeds()]
