@@ -102,16 +102,16 @@ class Frontier:
         edge = self.edge(params)
         return 0 if edge is None else max(0, self.values.index(params[self.dim]) - edge)
 
-    def place(self, params: dict[str, Any], slack: int = 0) -> dict[str, Any] | None:
+    def place(self, params: dict[str, Any], slack: int = 0, fewer_layers: bool = False) -> dict[str, Any] | None:
         """params with the fill `slack` steps short of the edge; None when nothing fits with these parameters.
 
-        When not even every expert in RAM fits with this -ngl, fewer layers go to the accelerator: the most
-        that fit with every expert in RAM, then filled as usual.
+        fewer_layers: when not even every expert in RAM fits with this -ngl, fewer layers go to the
+        accelerator (the most that fit with every expert in RAM), then filled as usual.
         """
         if self.dim is None:
             return params if self.fits(params) else None
         edge = self.edge(params)
-        if edge is None and self.dim == EXPERTS and self.layers:
+        if edge is None and fewer_layers and self.dim == EXPERTS and self.layers:
             params = self._fewer_layers(params)
             edge = None if params is None else self.edge(params)
         if edge is None or params is None:
@@ -141,5 +141,5 @@ def filled_defaults(space: SearchSpace, facts: dict[str, int],
                     fits: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
     """llama.cpp's default knobs with the accelerator filled to the memory edge (what --fit would pick, at the
     search's own margins, as a point of the search space); None when nothing fits."""
-    placed = Frontier(space, facts, fits).place(default_params(space, facts))
+    placed = Frontier(space, facts, fits).place(default_params(space, facts), fewer_layers=True)
     return None if placed is None else conditional(placed, space)

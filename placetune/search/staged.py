@@ -160,7 +160,7 @@ class Walk:
         if name == "threads":
             return [max(1, round(share * self.facts["physical_cores"])) for share in THREAD_SHARES]
         if name == "n_gpu_layers":
-            return [*(high - step for step in NGL_STEPS), low]  # low: nothing offloaded, best on some machines
+            return [high, *(high - step for step in NGL_STEPS), low]  # low: nothing offloaded, best on some machines
         if name == "cpu_moe_start":
             return [low, (low + high) // 2, high]
         return [low, high, int(base.get(name, low))]
