@@ -42,6 +42,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "state": t.state.name,
             "role": ua.get("role", "search"),
             "name": ua.get("name", ""),
+            "proposed": ua.get("proposed", ""),  # why the staged walk proposed it (search/staged.py)
             "status": ua.get("status", ""),
             "reason": ua.get("reason", ""),
             "repeat_of": ua.get("duplicate_of"),

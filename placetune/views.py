@@ -220,7 +220,7 @@ class SearchProgress:
         if self.task is None:
             return
         ua = trial.user_attrs
-        seed = f" [{ua['name']}]" if ua.get("name") else ""
+        seed = f" [{ua['name']}]" if ua.get("name") else f" [walk {ua['proposed']}]" if ua.get("proposed") else ""
         if trial.state.name == "COMPLETE":
             what = f"pp {ua.get('pp') or 0:.1f} tg {ua.get('tg') or 0:.1f}"
             if "duplicate_of" in ua:
