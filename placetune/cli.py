@@ -243,7 +243,9 @@ def search(
     runner = default_runner(runner)
     machine = probe_machine(rpc_servers, runner, llama_bin_dir)
     budgets = parse_budgets(budget or [], [d.name for d in machine.llama_devices])
-    chosen = resolve_space(space, anatomy, bool(machine.accelerators))
+    accelerators = [d.name for d in machine.accelerators]
+    chosen = resolve_space(space, anatomy, accelerators)
+    space_notes = chosen.for_devices(accelerators)
     for item in set_ or []:
         if "=" not in item:
             raise PlacetuneError(f"--set {item!r}: write it as NAME=VALUE, e.g. --set ubatch=512")
@@ -266,7 +268,7 @@ def search(
             f"[bold]placetune search[/] {escape(model.name)}: space {chosen.name}, objective {objective}, runner "
             f"{runner}, serving -c {serving.ctx} -np {serving.slots}, study {escape(engine.study.study_name)} "
             f"({len(engine.study.trials)} trials so far)", highlight=False)
-        for note in [*engine.notes, *engine.enqueue_seeds()]:
+        for note in [*space_notes, *engine.notes, *engine.enqueue_seeds()]:
             progress.note(note)
         with progress.running(engine):
             engine.run()
@@ -372,18 +374,27 @@ def shootout(
         console.print(f"{kind:>8}: {path}", highlight=False, markup=False)
 
 
+def _space_for(anatomy: Any, machine: Any) -> Any:
+    """The default search space for this model on this machine's accelerators."""
+    from placetune.space import resolve_space
+
+    accelerators = [d.name for d in machine.accelerators]
+    space = resolve_space(None, anatomy, accelerators)
+    space.for_devices(accelerators)
+    return space
+
+
 def _search_for_shootout(config: Any, minutes: float, out: Path, runner_name: str) -> tuple[str, Any]:
     """Run placetune's search on the shootout's model, memory and serving context; its winner's name and placement."""
     from placetune.runners import get_runner
     from placetune.search import Search, SearchConfig
-    from placetune.space import resolve_space
 
     folder = (out if out != Path() else Path("results") / "shootout" / config.model.stem).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     measurer = get_runner(runner_name, bin_dir=config.bin_dir, rpc=config.rpc, reuse=True)
     search_config = SearchConfig(
         model=config.model, anatomy=config.anatomy, machine=config.machine,
-        space=resolve_space(None, config.anatomy, bool(config.machine.accelerators)),
+        space=_space_for(config.anatomy, config.machine),
         workload=config.workload, serving=config.serving, n_trials=10_000, timeout_s=minutes * 60,
         storage=f"sqlite:///{folder / 'search.db'}", budgets=config.budgets, rpc=config.rpc, runner_name=runner_name,
         bin_dir=config.bin_dir)

@@ -9,7 +9,9 @@ Only the parameter names in PARAMS exist; each maps to one Placement field or ex
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from placetune.anatomy import Anatomy, Group
 from placetune.errors import PlacetuneError
-from placetune.placement import FLASH_ATTN, KV_TYPES, LOAD_MODES, ExpertRule, Placement
+from placetune.placement import FLASH_ATTN, KV_TYPES, LOAD_MODES, ExpertRule, Placement, layer_devices
 from placetune.records import one_line_error
 
 SPACES_PACKAGE = "placetune.search_spaces"
@@ -35,6 +37,8 @@ PARAMS: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "cpu_moe_start": (None, "first MoE layer of the block, or of the interleaved set"),
     "cpu_moe_stride": (None, "k when cpu_moe_position = interleaved: every k-th MoE layer from cpu_moe_start"),
     "cpu_moe_kinds": (("all", "gate_up", "down"), "which expert tensors of those layers go to RAM"),
+    "experts_to": (("CPU", "next"), "where those layers' experts go: RAM, or the next accelerator (several devices)"),
+    "split_first": (None, "tenths of the offloaded layers on the first accelerator; the others share the rest (-ts)"),
     "threads": (None, "-t"),
     "batch": (None, "-b"),
     "ubatch": (None, "-ub"),
@@ -45,7 +49,8 @@ PARAMS: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "no_op_offload": ((False, True), "--no-op-offload"),
     "repack": ((False, True), "--repack / --no-repack"),
 }
-_POSITIVE = {"threads", "batch", "ubatch", "cpu_moe_stride"}  # 0 would mean nothing to llama.cpp
+ENV_PREFIX = "env:"  # a backend environment knob's dimension name: env:GGML_OP_OFFLOAD_MIN_BATCH
+_POSITIVE = {"threads", "batch", "ubatch", "cpu_moe_stride", "split_first"}  # 0 would mean nothing to llama.cpp
 _KIND_SETS = {"all": ("up", "down", "gate", "gate_up"), "gate_up": ("up", "gate", "gate_up"), "down": ("down",)}
 
 
@@ -76,13 +81,24 @@ class DimensionSpec(BaseModel):
         return self
 
 
+class EnvKnobSpec(BaseModel):
+    """One [env.NAME] table: a backend environment knob's values, and the backends that read it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    choices: list[int | str] = Field(min_length=1)
+    backends: list[str] = Field(min_length=1)
+    help: str | None = None
+
+
 class SpaceFile(BaseModel):
-    """A whole space file: a description and at least one dimension."""
+    """A whole space file: a description, at least one dimension, and backend environment knobs."""
 
     model_config = ConfigDict(extra="forbid")
 
     description: str = ""
     params: dict[str, DimensionSpec] = Field(min_length=1)
+    env: dict[str, EnvKnobSpec] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,7 @@ class Dimension:
     low: int | str | None = None
     high: int | str | None = None
     step: int = 1
+    backends: tuple[str, ...] = ()  # an environment knob (name `env:NAME`): the backends that read it
 
 
 @dataclass
@@ -159,6 +176,20 @@ class SearchSpace:
                 bad.append(dim.name)
         return bad + [k for k, v in params.items() if k in self.pinned and self.pinned[k] != v]
 
+    def for_devices(self, devices: Sequence[str]) -> list[str]:
+        """Keep the environment knobs only where a device of a backend that reads them is present (a CUDA knob
+        means nothing on RPC or CPU); return notes on the ones dropped."""
+        notes = []
+        kept = []
+        for dim in self.dimensions:
+            if dim.backends and not any(d.startswith(b) for d in devices for b in dim.backends):
+                notes.append(f"{dim.name.removeprefix(ENV_PREFIX)} is not searched: only {', '.join(dim.backends)} "
+                             "read it, and no such device is here")
+                continue
+            kept.append(dim)
+        self.dimensions = kept
+        return notes
+
     def dimension_names(self) -> list[str]:
         return [d.name for d in self.dimensions]
 
@@ -171,7 +202,7 @@ class SearchSpace:
 
 def applies(name: str, params: dict[str, Any]) -> bool:
     """Whether a parameter means anything given the others (Optuna's conditional dimensions)."""
-    if name in ("cpu_moe_position", "cpu_moe_kinds", "cpu_moe_start", "cpu_moe_stride") and \
+    if name in ("cpu_moe_position", "cpu_moe_kinds", "cpu_moe_start", "cpu_moe_stride", "experts_to") and \
             not params.get("cpu_moe_layers"):
         return False
     if name == "cpu_moe_start":
@@ -243,6 +274,10 @@ def parse_space(name: str, data: dict[str, Any], where: str) -> SearchSpace:
                 if isinstance(bound, int):
                     _check_value(param, bound, at)
             dims.append(Dimension(param, None, spec.low, spec.high, spec.step))
+    for knob, env in doc.env.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", knob):
+            raise PlacetuneError(f"{where} [env.{knob}]: not an environment variable name")
+        dims.append(Dimension(f"{ENV_PREFIX}{knob}", tuple(str(c) for c in env.choices), backends=tuple(env.backends)))
     return SearchSpace(name, doc.description, dims)
 
 
@@ -269,11 +304,18 @@ def builtin_space(name: str) -> SearchSpace:
     return parse_space(name, data, f"built-in space {name}")
 
 
-def resolve_space(arg: str | None, anatomy: Anatomy, has_accelerator: bool) -> SearchSpace:
-    """The user's file or a built-in name, else moe/dense by model and cpu when there is no accelerator."""
+def resolve_space(arg: str | None, anatomy: Anatomy, devices: Sequence[str]) -> SearchSpace:
+    """The user's file or a built-in name, else by model and hardware: cpu without an accelerator, multi with
+    several, moe or dense with one. devices: the accelerators."""
     if arg and (arg.endswith(".toml") or "/" in arg):
         return load_space(Path(arg).expanduser())
-    return builtin_space(arg or ("cpu" if not has_accelerator else "moe" if anatomy.facts.is_moe else "dense"))
+    if arg:
+        return builtin_space(arg)
+    if not devices:
+        return builtin_space("cpu")
+    if len(devices) > 1 and anatomy.facts.is_moe:
+        return builtin_space("multi")
+    return builtin_space("moe" if anatomy.facts.is_moe else "dense")
 
 
 def moe_layers(anatomy: Anatomy) -> list[int]:
@@ -296,11 +338,17 @@ def facts_for(anatomy: Anatomy, physical_cores: int) -> dict[str, int]:
             "physical_cores": physical_cores}
 
 
-def to_placement(params: dict[str, Any], anatomy: Anatomy) -> Placement:
-    """Trial parameters -> the Placement llama.cpp will be given (the serving context is added by the caller)."""
+def to_placement(params: dict[str, Any], anatomy: Anatomy, devices: Sequence[str] = ()) -> Placement:
+    """Trial parameters -> the Placement llama.cpp will be given (the serving context is added by the caller).
+
+    devices: the accelerators in llama.cpp's order. With two or more, split_first sets -ts (tenths on the
+    first, the rest shared evenly, under -sm layer) and experts_to = next pins each chosen layer's
+    experts to the accelerator after its own instead of RAM (the hand-written per-device -ot recipe).
+    """
     overrides: tuple[ExpertRule, ...] = ()
     n_cpu = int(params.get("cpu_moe_layers") or 0)
     layers = moe_layers(anatomy)
+    split = _split(params, devices)
     if n_cpu and layers:
         n_cpu = min(n_cpu, len(layers))
         position = params.get("cpu_moe_position", "first")
@@ -323,8 +371,35 @@ def to_placement(params: dict[str, Any], anatomy: Anatomy) -> Placement:
         kinds = _KIND_SETS[params.get("cpu_moe_kinds", "all")]
         # With all kinds and the first N layers this is exactly --n-cpu-moe N (biases included).
         all_kinds = kinds == _KIND_SETS["all"]
-        if chosen:
+        if chosen and params.get("experts_to", "CPU") == "next" and len(devices) > 1:
+            overrides = _to_next_device(chosen, anatomy, params.get("n_gpu_layers"), devices, split, kinds,
+                                        all_kinds)
+        elif chosen:
             overrides = (ExpertRule(layers=tuple(chosen), kinds=kinds, buft="CPU", include_bias=all_kinds),)
     knobs = {k: params[k] for k in ("n_gpu_layers", "threads", "batch", "ubatch", "flash_attn", "cache_type_k",
                                      "cache_type_v", "load_mode", "repack") if k in params}
-    return Placement(overrides=overrides, no_op_offload=bool(params.get("no_op_offload", False)), **knobs)
+    multi = {"tensor_split": split, "split_mode": "layer"} if split else {}
+    env = tuple((k.removeprefix(ENV_PREFIX), str(v)) for k, v in params.items() if k.startswith(ENV_PREFIX))
+    return Placement(overrides=overrides, no_op_offload=bool(params.get("no_op_offload", False)), env=env,
+                     **multi, **knobs)
+
+
+def _split(params: dict[str, Any], devices: Sequence[str]) -> tuple[float, ...] | None:
+    """-ts from split_first (tenths on the first accelerator), when there are several accelerators."""
+    if len(devices) < 2 or "split_first" not in params:
+        return None
+    first = min(max(int(params["split_first"]), 1), 9)
+    rest = (10 - first) / (len(devices) - 1)
+    return (float(first), *(rest,) * (len(devices) - 1))
+
+
+def _to_next_device(chosen: list[int], anatomy: Anatomy, ngl: int | None, devices: Sequence[str],
+                    split: tuple[float, ...] | None, kinds: tuple[str, ...], bias: bool) -> tuple[ExpertRule, ...]:
+    """One rule per target device: each chosen layer's experts on the accelerator after its own (wrapping)."""
+    home = layer_devices(anatomy.facts.n_layers, ngl, devices, split)
+    by_target: dict[str, list[int]] = {}
+    for layer in chosen:
+        target = devices[(devices.index(home[layer]) + 1) % len(devices)] if home[layer] in devices else "CPU"
+        by_target.setdefault(target, []).append(layer)
+    return tuple(ExpertRule(layers=tuple(ls), kinds=kinds, buft=dev, include_bias=bias)
+                 for dev, ls in sorted(by_target.items()))

@@ -3,7 +3,12 @@ device or to RAM, every rule where llama.cpp's own log and buffer sizes say it w
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pandas as pd
 
 from placetune.anatomy import read_anatomy
 from placetune.memory import check_fit, predict_memory
@@ -60,3 +65,24 @@ def test_per_device_budgets_prune_as_predicted(tiny_moe: Path, rpc_pair: tuple[s
     before = bytes_per_buffer(anatomy, placement, DEVICES)
     layer0 = sum(t.n_bytes for t in anatomy.tensors if t.layer == 0 and t.group.value == "expert")
     assert moved["RPC0"] - before["RPC0"] == layer0 == before["RPC1"] - moved["RPC1"]
+
+
+def test_a_search_on_two_devices_exports_a_line_verify_launches(tiny_moe: Path, rpc_pair: tuple[str, str],
+                                                                 tmp_path: Path) -> None:
+    rpc = ",".join(rpc_pair)
+    cli = [sys.executable, "-c", "from placetune.cli import main; main()"]
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run([*cli, "search", str(tiny_moe), "--rpc", rpc, "--out", str(tmp_path), "--n-trials", "10",
+                           "-p", "16", "-n", "4", "-r", "2", "--warmups", "1", "--top-k", "2",
+                           "--set", "repack=false"], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "space multi" in done.stdout and "GGML_OP_OFFLOAD_MIN_BATCH is not searched" in done.stdout
+    trials = pd.read_csv(next(tmp_path.glob("*/*/trials.csv")))
+    names = " ".join(trials["name"].dropna())
+    assert "even -ts with --n-cpu-moe" in names and "per card" in names
+    assert trials["flags"].str.contains("-ts ").any()  # the sampler splits layers between the two devices
+    best = next(tmp_path.glob("*/*/best.json"))
+    checked = subprocess.run([*cli, "verify", str(best.parent), "--rpc", rpc], capture_output=True, text=True,
+                             timeout=600, env=env)
+    assert checked.returncode == 0, checked.stderr + checked.stdout
+    assert f"--rpc {rpc}" in checked.stdout and "measured/searched" in checked.stdout

@@ -230,10 +230,15 @@ def test_space_validation_names_the_bad_key(tmp_path: Path) -> None:
 
 
 def test_default_space_follows_model_and_hardware(tiny_moe: Path, tiny_dense: Path) -> None:
-    assert resolve_space(None, read_anatomy(tiny_moe), True).name == "moe"
-    assert resolve_space(None, read_anatomy(tiny_dense), True).name == "dense"
-    assert resolve_space(None, read_anatomy(tiny_moe), False).name == "cpu"
-    space = resolve_space("moe", read_anatomy(tiny_moe), True)
+    assert resolve_space(None, read_anatomy(tiny_moe), ["CUDA0"]).name == "moe"
+    assert resolve_space(None, read_anatomy(tiny_dense), ["CUDA0"]).name == "dense"
+    assert resolve_space(None, read_anatomy(tiny_moe), []).name == "cpu"
+    assert resolve_space(None, read_anatomy(tiny_moe), ["RPC0", "RPC1"]).name == "multi"
+    multi = resolve_space(None, read_anatomy(tiny_moe), ["RPC0", "RPC1"])
+    assert "env:GGML_OP_OFFLOAD_MIN_BATCH" in multi.dimension_names()
+    assert "GGML_OP_OFFLOAD_MIN_BATCH is not searched" in multi.for_devices(["RPC0", "RPC1"])[0]
+    assert "env:GGML_OP_OFFLOAD_MIN_BATCH" not in multi.dimension_names()
+    space = resolve_space("moe", read_anatomy(tiny_moe), ["CUDA0"])
     space.pin("ubatch", "512")
     assert space.pinned == {"ubatch": 512} and "ubatch" not in space.dimension_names()
     with pytest.raises(PlacetuneError, match="--ctx N"):

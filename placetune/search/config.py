@@ -13,7 +13,7 @@ from placetune.hardware import Machine
 from placetune.memory import DEFAULT_MARGIN
 from placetune.placement import Placement
 from placetune.runners.base import Workload
-from placetune.space import SearchSpace
+from placetune.space import SearchSpace, to_placement
 
 KNOB_PARAMS = ("threads", "batch", "ubatch", "flash_attn", "cache_type_k", "cache_type_v", "load_mode",
                "no_op_offload", "repack")
@@ -118,6 +118,10 @@ class SearchConfig:
     @property
     def n_ctx(self) -> int:
         return self.serving.ctx
+
+    def placement_of(self, params: dict[str, Any]) -> Placement:
+        """A point of the search space as it is run: its pins, the devices it splits over, the serving context."""
+        return self.serving.apply(to_placement({**self.space.pinned, **params}, self.anatomy, self.devices))
 
     def fixed(self, placement: Placement) -> Placement:
         """A seed's placement as it is run: the serving context, and the knobs the user pinned with --set.

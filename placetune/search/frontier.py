@@ -24,6 +24,7 @@ LLAMA_DEFAULTS: dict[str, Any] = {
     "ubatch": 512, "batch": 2048, "flash_attn": "auto", "cache_type_k": "f16", "cache_type_v": "f16",
     "load_mode": "auto", "no_op_offload": False, "repack": True,
     "cpu_moe_position": "last", "cpu_moe_kinds": "all", "cpu_moe_start": 0, "cpu_moe_stride": 2,
+    "experts_to": "CPU", "split_first": 5,
 }
 
 

@@ -49,7 +49,7 @@ from placetune.search.seeds import BASELINE, CANDIDATE, Seed, SeedContext, stand
 from placetune.search.staged import Walk
 from placetune.search.study import open_storage, open_study
 from placetune.search.workers import Workers, counted, retried_numbers
-from placetune.space import facts_for, to_placement
+from placetune.space import facts_for
 from placetune.storage import mask_url
 from placetune.units import human_bytes
 
@@ -128,7 +128,7 @@ class Search:
                 self.evidence.record(_needs_from(t.user_attrs["predicted_need"]))
 
     def _params_placement(self, params: dict[str, Any]) -> Placement:
-        return self.config.serving.apply(to_placement({**self.config.space.pinned, **params}, self.config.anatomy))
+        return self.config.placement_of(params)
 
     def _params_fit(self, params: dict[str, Any]) -> bool:
         return self.feasibility(self._params_placement(params)).fits
@@ -206,7 +206,7 @@ class Search:
         if role == BASELINE:
             placement = Placement.from_dict(trial.user_attrs["candidate"])
         else:
-            placement = c.serving.apply(to_placement(c.space.suggest(trial, self.facts), c.anatomy))
+            placement = c.placement_of(c.space.suggest(trial, self.facts))
         flags = render_flags(placement)
         trial.set_user_attr("flags", flags)
         trial.set_user_attr("placement", placement.to_dict())

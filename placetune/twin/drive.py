@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import optuna
 
+from placetune.anatomy import Anatomy
 from placetune.fit import FitAnswer
 from placetune.hardware import LlamaDevice, Machine
 from placetune.placement import render_flags
@@ -29,7 +30,7 @@ from placetune.search.seeds.by_hand import ByHand
 from placetune.search.seeds.filled import FilledDefaults
 from placetune.search.seeds.fit import LlamaFitParams
 from placetune.search.seeds.roofline import Roofline
-from placetune.space import resolve_space, to_placement
+from placetune.space import SearchSpace, resolve_space, to_placement
 from placetune.storage import MEMORY_STORAGE
 from placetune.twin.baselines import fit_params
 from placetune.twin.capacity import GPU
@@ -88,6 +89,13 @@ def _twin_fit(scenario: Scenario) -> FitAnswer | None:
     return FitAnswer(placement, f"twin --fit: {render_flags(placement)}", ())
 
 
+def _space(anatomy: Anatomy) -> SearchSpace:
+    """The space the search would pick on the twin's one CUDA card (its env knobs included)."""
+    space = resolve_space(None, anatomy, [GPU])
+    space.for_devices([GPU])
+    return space
+
+
 def run_search(scenario: Scenario, seed: int, n_trials: int, strategy: str = "staged") -> SearchRun:
     """placetune's search on the scenario: seeds included, n_trials trials, then its final re-measure.
 
@@ -114,7 +122,7 @@ def run_search(scenario: Scenario, seed: int, n_trials: int, strategy: str = "st
     sources = [LlamaFitParams(fit)] if fit else []
     config = SearchConfig(
         model=Path(f"{scenario.model.name}.gguf"), anatomy=anatomy, machine=machine,
-        space=resolve_space(None, anatomy, has_accelerator=True), workload=scenario.workload,
+        space=_space(anatomy), workload=scenario.workload,
         serving=serving_for(anatomy, scenario.workload, ctx=scenario.n_ctx), objective=scenario.objective,
         strategy=strategy, n_trials=n_trials, seed=seed, storage=MEMORY_STORAGE, runner_name=TwinRunner.name,
         bandwidths=bandwidths,

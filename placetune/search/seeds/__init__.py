@@ -54,8 +54,9 @@ class SeedSource(Protocol):
 def standard_sources() -> Sequence[SeedSource]:
     """The seed kinds every search uses unless its configuration names others."""
     from placetune.search.seeds.by_hand import ByHand
+    from placetune.search.seeds.even_split import EvenSplit
     from placetune.search.seeds.filled import FilledDefaults
     from placetune.search.seeds.fit import LlamaFitParams
     from placetune.search.seeds.roofline import Roofline
 
-    return (LlamaFitParams(), ByHand(), Roofline(), FilledDefaults())
+    return (LlamaFitParams(), ByHand(), EvenSplit(), Roofline(), FilledDefaults())

@@ -12,7 +12,6 @@ from typing import Any
 
 from placetune.search.frontier import filled_defaults
 from placetune.search.seeds import CANDIDATE, Seed, SeedContext
-from placetune.space import to_placement
 
 
 class FilledDefaults:
@@ -24,11 +23,11 @@ class FilledDefaults:
             return []
 
         def fits(params: dict[str, Any]) -> bool:
-            return context.feasibility(c.fixed(to_placement({**c.space.pinned, **params}, c.anatomy))).fits
+            return context.feasibility(c.placement_of(params)).fits
 
         params = filled_defaults(c.space, context.facts, fits)
         if params is None:
             context.notes.append("no reference candidate: nothing fits even with every expert in RAM")
             return []
         return [Seed("llama.cpp's defaults, filled to the memory edge",
-                     c.fixed(to_placement({**c.space.pinned, **params}, c.anatomy)), CANDIDATE, params)]
+                     c.placement_of(params), CANDIDATE, params)]

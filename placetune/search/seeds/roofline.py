@@ -12,7 +12,6 @@ from typing import Any
 from placetune.predict import rank_by_prediction
 from placetune.search.frontier import conditional, default_params
 from placetune.search.seeds import CANDIDATE, Seed, SeedContext
-from placetune.space import to_placement
 
 
 class Roofline:
@@ -27,7 +26,7 @@ class Roofline:
             n = self._fewest_experts_in_ram(context, ngl)
             if n is not None:
                 params = self._params(ngl, n)
-                placement = c.fixed(to_placement(params, c.anatomy))
+                placement = c.placement_of(params)
                 candidates.append(((params, placement), placement))
         ranked = rank_by_prediction(c.anatomy, candidates, c.devices, context.bandwidths())
         if not ranked:
@@ -35,7 +34,7 @@ class Roofline:
         (params, _), _ = ranked[0]
         name = f"best by the bandwidth model (-ngl {params['n_gpu_layers']} --n-cpu-moe {params['cpu_moe_layers']})"
         params = conditional({**default_params(c.space, context.facts), **params}, c.space)
-        return [Seed(name, c.fixed(to_placement({**c.space.pinned, **params}, c.anatomy)), CANDIDATE, params)]
+        return [Seed(name, c.placement_of(params), CANDIDATE, params)]
 
     @staticmethod
     def _params(ngl: int, n: int) -> dict[str, Any]:
@@ -49,7 +48,7 @@ class Roofline:
         c = context.config
 
         def fits(n: int) -> bool:
-            return context.feasibility(c.fixed(to_placement(self._params(ngl, n), c.anatomy))).fits
+            return context.feasibility(c.placement_of(self._params(ngl, n))).fits
 
         low, high = 0, context.facts["n_moe_layers"]
         if not fits(high):

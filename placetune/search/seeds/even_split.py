@@ -1,0 +1,73 @@
+"""What users with several accelerators write by hand: layers split evenly (-ts 1,1,...), and experts either
+kept off the cards with --n-cpu-moe, or balanced with one -ot rule per card.
+
+--n-cpu-moe under -sm layer leaves every accelerator-resident expert on the cards that hold the last
+layers (llama.cpp issues 15263, 15136), so people pin each card's expert layers to it explicitly and send
+the rest to RAM. Both recipes are baselines: measured exactly as written, at the fewest experts in RAM
+that the memory model says fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from placetune.placement import ALL_LAYERS, ExpertRule, Placement, layer_devices
+from placetune.search.seeds import BASELINE, Seed, SeedContext
+from placetune.space import moe_layers
+
+
+def _largest(fits: Callable[[int], bool], high: int) -> int | None:
+    """The largest k in 0..high with fits(k), for fits that holds up to some k and not beyond."""
+    if not fits(0):
+        return None
+    low = 0
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+class EvenSplit:
+    kind = "even split"
+
+    def seeds(self, context: SeedContext) -> list[Seed]:
+        c = context.config
+        layers = moe_layers(c.anatomy)
+        if len(c.devices) < 2 or not layers:
+            return []
+        even = tuple(1.0 for _ in c.devices)
+
+        def placement(overrides: tuple[ExpertRule, ...]) -> Placement:
+            return c.fixed(Placement(n_gpu_layers=ALL_LAYERS, tensor_split=even, split_mode="layer",
+                                     overrides=overrides))
+
+        def fits(p: Placement) -> bool:
+            return context.feasibility(p).fits
+
+        seeds = []
+        # --n-cpu-moe N: the fewest first expert layers in RAM that fit.
+        kept = _largest(lambda k: fits(placement(_first_in_ram(layers, len(layers) - k))), len(layers))
+        if kept is not None:
+            n = len(layers) - kept
+            seeds.append(Seed(f"even -ts with --n-cpu-moe {n}", placement(_first_in_ram(layers, n)), BASELINE))
+        # One -ot per card: each keeps the experts of its first k layers, all other experts in RAM.
+        home = layer_devices(c.anatomy.facts.n_layers, ALL_LAYERS, c.devices, even)
+        per_device = {d: [layer for layer in layers if home[layer] == d] for d in c.devices}
+        most = max(len(v) for v in per_device.values())
+
+        def balanced(k: int) -> tuple[ExpertRule, ...]:
+            own = tuple(ExpertRule(layers=tuple(ls[:k]), buft=d) for d, ls in per_device.items() if ls[:k])
+            return (*own, ExpertRule(layers=None)) if k < most else own
+
+        k = _largest(lambda k: fits(placement(balanced(k))), most)
+        if k is not None:
+            seeds.append(Seed(f"even -ts, {k} expert layers kept per card (-ot per card)", placement(balanced(k)),
+                              BASELINE))
+        return seeds
+
+
+def _first_in_ram(layers: list[int], n: int) -> tuple[ExpertRule, ...]:
+    return (ExpertRule(layers=tuple(layers[:n])),) if n else ()
