@@ -185,6 +185,7 @@ def hw(
 def search(
     model: Annotated[Path, typer.Argument(help="GGUF model to place.")],
     objective: Annotated[str, typer.Option(help="latency (time of a typical request), tg, pp, or pareto.")] = "latency",
+    strategy: Annotated[str, typer.Option(help="staged (a walk along the memory frontier from llama.cpp's defaults, then TPE) or tpe.")] = "staged",
     n_trials: Annotated[int, typer.Option("--n-trials", help="Trials in the study (a resumed study counts its own; a placement proposed again is not counted).")] = 30,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Stop starting trials after this many seconds.")] = None,
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
@@ -227,6 +228,7 @@ def search(
     from placetune.runners import get_runner
     from placetune.runners.base import Workload
     from placetune.search import Search, SearchConfig, serving_for
+    from placetune.search.config import STRATEGIES
     from placetune.search.loop import best_record
     from placetune.space import resolve_space
     from placetune.views import SearchProgress, search_summary
@@ -235,6 +237,8 @@ def search(
                                ("--slots", slots, 1)):
         if value < least:
             raise PlacetuneError(f"{flag} must be at least {least}, got {value}")
+    if strategy not in STRATEGIES:
+        raise PlacetuneError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial is reported on the progress line
     anatomy = read_anatomy(model)
     workload = Workload(prompt_tokens, gen_tokens, depth, reps, warmups, trial_timeout)
@@ -254,7 +258,7 @@ def search(
     progress = SearchProgress(console)
     config = SearchConfig(
         model=model.resolve(), anatomy=anatomy, machine=machine, space=chosen, workload=workload, serving=serving,
-        objective=objective, n_trials=n_trials, timeout_s=timeout, seed=seed,
+        objective=objective, strategy=strategy, n_trials=n_trials, timeout_s=timeout, seed=seed,
         storage=storage or f"sqlite:///{(out / 'placetune.db').resolve()}", study_name=study_name,
         budgets=budgets, min_pp=min_pp, top_k=top_k, final_rounds=final_rounds, screen=not no_screen,
         rpc=rpc_servers, runner_name=runner, bin_dir=llama_bin_dir, heartbeat_s=heartbeat, grace_s=grace,

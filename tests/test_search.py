@@ -28,7 +28,7 @@ from placetune.search.finals import decide, run_rounds
 from placetune.search.seeds.by_hand import ByHand
 from placetune.search.seeds.filled import FilledDefaults
 from placetune.search.seeds.roofline import Roofline
-from placetune.space import builtin_space, facts_for, interleaved, load_space, resolve_space, to_placement
+from placetune.space import SearchSpace, builtin_space, facts_for, interleaved, load_space, resolve_space, to_placement
 from placetune.synth import planned_anatomy, tiny_spec
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -81,10 +81,17 @@ class LandscapeRunner:
                            tg=Stats(self._noisy(tg, n), workload.n_gen))
 
 
+def rpc_space(name: str = "moe") -> SearchSpace:
+    """A built-in space as a search on the RPC rig gets it (no CUDA-only environment knobs)."""
+    space = builtin_space(name)
+    space.for_devices(["RPC0"])
+    return space
+
+
 def config(anatomy, model: Path, tmp_path: Path, **kw) -> SearchConfig:
     workload = Workload(n_prompt=64, n_gen=16, repetitions=2, warmups=0)
     base = dict(
-        model=model, anatomy=anatomy, machine=fake_machine(), space=builtin_space("moe"),
+        model=model, anatomy=anatomy, machine=fake_machine(), space=rpc_space(),
         workload=workload, serving=serving_for(anatomy, workload), objective="tg", n_trials=40,
         storage=f"sqlite:///{tmp_path / 'study.db'}", final_rounds=1, bandwidths={"CPU": 20.0, "RPC0": 200.0},
         seed_sources=[ByHand(), Roofline()],
@@ -122,7 +129,7 @@ def test_optimizer_finds_the_known_optimum(tiny_moe: Path, tmp_path: Path) -> No
 
 def test_repeats_cost_no_measurement_and_no_share_of_the_trials(tiny_moe: Path, tmp_path: Path) -> None:
     anatomy = read_anatomy(tiny_moe)
-    space = builtin_space("moe")
+    space = rpc_space()
     for name in ("ubatch", "batch", "threads", "flash_attn", "load_mode", "no_op_offload"):
         space.pin(name, {"ubatch": "512", "batch": "2048", "threads": "2", "flash_attn": "on",
                          "load_mode": "auto", "no_op_offload": "false"}[name])

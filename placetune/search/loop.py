@@ -151,9 +151,12 @@ class Search:
         """Every seed kind's seeds, and notes on the ones that could not be made."""
         context = SeedContext(self.config, self.facts, self.feasibility, lambda: self.bandwidths)
         sources = self.config.seed_sources if self.config.seed_sources is not None else standard_sources()
+        # A resumed study already holds each kind's seeds: no llama-fit-params run (up to 2 minutes) again.
+        held = {t.user_attrs.get("kind") for t in self.study.get_trials(deepcopy=False)}
         seeds: list[Seed] = []
         for source in sources:
-            seeds += source.seeds(context)
+            if source.kind not in held:
+                seeds += [replace(seed, kind=source.kind) for seed in source.seeds(context)]
         return seeds, context.notes
 
     def enqueue_seeds(self) -> list[str]:
@@ -170,7 +173,7 @@ class Search:
                 if seed.name in held:
                     continue
                 if seed.role == BASELINE:
-                    self.study.enqueue_trial({}, user_attrs={"role": BASELINE, "name": seed.name,
+                    self.study.enqueue_trial({}, user_attrs={"role": BASELINE, "name": seed.name, "kind": seed.kind,
                                                              "candidate": seed.placement.to_dict()},
                                              skip_if_exists=False)
                     continue
@@ -180,7 +183,7 @@ class Search:
                     notes.append(f"seed '{seed.name}' puts tensors where this search space cannot "
                                  f"({', '.join(outside)}); skipped")
                     continue
-                self.study.enqueue_trial(params, user_attrs={"role": CANDIDATE, "name": seed.name},
+                self.study.enqueue_trial(params, user_attrs={"role": CANDIDATE, "name": seed.name, "kind": seed.kind},
                                          skip_if_exists=False)
         return notes
 

@@ -38,7 +38,7 @@ WORKER_KEY = "placetune:worker:"  # study system attrs: one entry per worker pro
 LOCK_CLASS = 0x706C7475  # PostgreSQL advisory lock class ("pltu"); its object id is the study's id
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # User attributes a retried trial keeps: what it is (a baseline's exact placement), not the lost run's notes.
-KEPT_ON_RETRY = ("role", "name", "candidate")
+KEPT_ON_RETRY = ("role", "name", "kind", "candidate")
 
 
 def _boot_id() -> str:

@@ -32,6 +32,7 @@ class Seed:
     placement: Placement
     role: Literal["baseline", "candidate"]
     params: dict[str, Any] | None = None
+    kind: str = ""  # the source's kind, filled in by the search
 
 
 @dataclass
