@@ -386,8 +386,8 @@ def to_placement(params: dict[str, Any], anatomy: Anatomy, devices: Sequence[str
 
 def _split(params: dict[str, Any], devices: Sequence[str]) -> tuple[float, ...] | None:
     """-ts from split_first (tenths on the first accelerator), when there are several accelerators."""
-    if len(devices) < 2 or "split_first" not in params:
-        return None
+    if len(devices) < 2 or "split_first" not in params or params.get("n_gpu_layers") == 0:
+        return None  # nothing offloaded: a split would only rename the same placement
     first = min(max(int(params["split_first"]), 1), 9)
     rest = (10 - first) / (len(devices) - 1)
     return (float(first), *(rest,) * (len(devices) - 1))
