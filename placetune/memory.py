@@ -22,6 +22,7 @@ margin for the rest of a study.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -37,6 +38,7 @@ DEFAULT_BATCH = 2048
 DEFAULT_MARGIN = 512 * 2**20  # per accelerator, for the CUDA/driver context and fragmentation
 CTX_PAD = 256  # llama_context pads n_ctx (and each slot's share) to this many cells
 OP_OFFLOAD_MIN_BATCH = 32  # GGML_OP_OFFLOAD_MIN_BATCH's default
+OP_OFFLOAD_ENV = "GGML_OP_OFFLOAD_MIN_BATCH"
 _HOST_ALIGNMENT = 32
 _CUDA_ALIGNMENT = 128
 
@@ -251,16 +253,27 @@ def compute_per_device(anatomy: Anatomy, layer_dev: Sequence[str], shape: Contex
                                                                 swa_cells).items()}
 
 
+def op_offload_min_batch(placement: Placement) -> int:
+    """The batch from which op offload takes a matmul: GGML_OP_OFFLOAD_MIN_BATCH as the placement sets it, read
+    with C's atoi as the CUDA, Vulkan, SYCL and CANN backends read it (ggml-cuda.cu), else its default."""
+    value = dict(placement.env).get(OP_OFFLOAD_ENV)
+    if value is None:
+        return OP_OFFLOAD_MIN_BATCH
+    digits = re.match(r"\s*[+-]?\d+", value)
+    return int(digits[0]) if digits else 0
+
+
 def op_offload_copies(anatomy: Anatomy, placement: Placement, devices: Sequence[str], ubatch: int) -> dict[str, int]:
     """PREDICTED extra compute-buffer bytes for op offload's weight copies, on the first CUDA-like device.
 
-    From a ubatch of GGML_OP_OFFLOAD_MIN_BATCH tokens, ggml's scheduler runs matmuls whose weights sit
-    in RAM on the accelerator and copies those weights into its compute buffer for the split that
-    needs them; the splits of one layer run back to back, so the peak is about the largest layer's
-    CPU-resident weights. RPC devices do not offload ops.
+    From a ubatch of GGML_OP_OFFLOAD_MIN_BATCH tokens (op_offload_min_batch), ggml's scheduler runs matmuls
+    whose weights sit in RAM on the accelerator and copies those weights into its compute buffer for the
+    split that needs them; the splits of one layer run back to back, so the peak is about the largest
+    layer's CPU-resident weights. A ubatch below the threshold reserves no copies: the worst-case graph
+    llama.cpp reserves has n_ubatch tokens. RPC devices do not offload ops.
     """
     accel = next((d for d in devices if not d.startswith("RPC")), None)
-    if accel is None or placement.no_op_offload or ubatch < OP_OFFLOAD_MIN_BATCH:
+    if accel is None or placement.no_op_offload or ubatch < op_offload_min_batch(placement):
         return {}
     per_layer = matmul_bytes_per_layer(anatomy, placement, devices, "CPU")
     return {accel: max(per_layer.values())} if per_layer else {}

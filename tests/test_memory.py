@@ -182,6 +182,10 @@ def test_op_offload_copies_cpu_weights_to_the_accelerator(tiny_moe: Path) -> Non
     assert with_copies - without["CUDA0"].compute == layer_experts
     on_rpc = predict_memory(anatomy, pinned, ["RPC0"], 4096)["RPC0"].compute  # RPC never offloads ops
     assert on_rpc == without["CUDA0"].compute
+    # GGML_OP_OFFLOAD_MIN_BATCH above the ubatch: nothing is offloaded, so nothing is copied (atoi reads it)
+    for value, copies in (("1024", False), ("512", True), ("64 tokens", True), ("off", True)):
+        env = Placement(**{**pinned.__dict__, "env": (("GGML_OP_OFFLOAD_MIN_BATCH", value),)})
+        assert (predict_memory(anatomy, env, ["CUDA0"], 4096)["CUDA0"].compute == with_copies) is copies, value
 
 
 @pytest.mark.slow

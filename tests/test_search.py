@@ -511,3 +511,52 @@ def test_first_final_round_is_wider_and_the_rest_keep_the_fastest() -> None:
     assert by[3].status == by[4].status == "dropped" and len(by[3].tg) == 2  # measured in the first round only
     decision = decide(field, "tg", Workload(n_prompt=64, n_gen=16))
     assert decision.winner.trial == 2 and {r.status for r in decision.rows} == {"ok", "dropped"}
+
+
+def test_op_offload_thresholds_that_decide_no_batch_differently_are_not_walked() -> None:
+    """GGML_OP_OFFLOAD_MIN_BATCH offloads a batch of at least that many tokens (ggml-cuda.cu): two thresholds with no
+    batch of the measured workload between them run the same measurement."""
+    from placetune.search.staged import Walk, ubatch_sizes
+
+    assert ubatch_sizes(Workload(n_prompt=2048, n_gen=64), Placement(ubatch=512)) == (1, 512)
+    assert ubatch_sizes(Workload(n_prompt=1000, n_gen=0, depth=4096), Placement(ubatch=512, batch=768)) == (
+        232, 256, 512)  # batches of 768 tokens in ubatches of 512; the remainders
+    anatomy = planned_anatomy(tiny_spec("qwen3moe", n_layers=4))
+    space = builtin_space("moe")
+    space.for_devices(["CUDA0"])
+    knob = "env:GGML_OP_OFFLOAD_MIN_BATCH"
+    workload = Workload(n_prompt=2048, n_gen=16)
+    walk = Walk(space, facts_for(anatomy, 4), lambda p: True, lambda p: repr(sorted(p.items())),
+                lambda p: ubatch_sizes(workload, Placement(ubatch=p["ubatch"])))
+    assert walk.defaults[knob] == "32"
+    assert walk.moves((knob,), walk.defaults) == []  # every ubatch of 512 reaches any threshold up to 512
+    assert [changes for changes, _ in walk.moves((knob,), {**walk.defaults, "ubatch": 256})] == [{knob: "512"}]
+
+
+def test_on_two_cards_the_frontier_splits_where_fewest_experts_stay_in_ram() -> None:
+    """A toy of two cards holding 3 layers' experts each and 10 MoE layers: with the last N layers' experts in
+    RAM the first card must not hold more than 3 layers, so the split moves; a block grows from its centre."""
+    from placetune.search.frontier import Frontier
+
+    space = builtin_space("multi")
+    facts = {"n_layers": 10, "n_gpu_layers_max": 11, "n_moe_layers": 10, "physical_cores": 4}
+
+    def in_ram(p: dict) -> set[int]:
+        n = p.get("cpu_moe_layers", 0)
+        block = min(p.get("cpu_moe_start", 0), 10 - n)
+        start = {"last": 10 - n, "first": 0}.get(p.get("cpu_moe_position", "last"), block)
+        return set(range(start, start + n))
+
+    def fits(p: dict) -> bool:
+        first = p["split_first"]  # tenths of 10 layers: layers below it on the first card
+        ram = in_ram(p)
+        return len({i for i in range(first) if i not in ram}) <= 3 and len({i for i in range(first, 10)
+                                                                            if i not in ram}) <= 3
+
+    frontier = Frontier(space, facts, fits)
+    assert frontier.splits == list(range(2, 9))
+    last = {"split_first": 5, "cpu_moe_position": "last", "cpu_moe_layers": 0}
+    assert frontier.place(last)["cpu_moe_layers"] == 7  # the even split: 5 + 2 layers' experts in RAM
+    assert frontier.place(last, balance=True) == {**last, "split_first": 3, "cpu_moe_layers": 4}
+    block = {"split_first": 5, "cpu_moe_position": "block", "cpu_moe_start": 5, "cpu_moe_layers": 0}
+    assert frontier.place(block, balance=True) == {**block, "cpu_moe_start": 3, "cpu_moe_layers": 4}

@@ -19,11 +19,11 @@ from placetune.runners import RUNNERS
 from placetune.runners.base import Workload
 from placetune.space import to_placement
 from placetune.synth import preset_spec, tiny_spec, write_model
-from placetune.twin.baselines import baselines, fit_params
+from placetune.twin.baselines import baselines, fit_params, fit_placement
 from placetune.twin.calibration import calibrate
-from placetune.twin.capacity import OK, OOM, SPILL
-from placetune.twin.drive import run_search
-from placetune.twin.grid import evaluate
+from placetune.twin.capacity import OK, OOM, SPILL, placetune_need
+from placetune.twin.drive import run_search, space_for
+from placetune.twin.grid import DESTINATIONS, REFERENCE_SPACE_MULTI, evaluate, reference_space
 from placetune.twin.machine import GIB, MACHINES
 from placetune.twin.model import SPILL_PP, speeds
 from placetune.twin.runner import TwinRunner
@@ -42,6 +42,17 @@ def small_scenario(model: TwinModel, gpu_gib: float, spill_gib: float = 0.0, wor
     machine = replace(MACHINES["rtx5080-ddr5x2"], name="test", gpu_total_bytes=int(gpu_gib * GIB) + GIB,
                       gpu_free_bytes=int(gpu_gib * GIB), spill_bytes=int(spill_gib * GIB))
     return Scenario(f"test-{model.name}-{gpu_gib}", machine, model, workload, memory_seed=7, why="test")
+
+
+def two_gpu_scenario(model: TwinModel, gpu_gib: tuple[float, float], spill_gib: float = 0.0,
+                     workload: Workload = CHAT, second_bw_gbs: float | None = None) -> Scenario:
+    """Two cards of the given free sizes (the second one's bandwidth optionally changed)."""
+    base = MACHINES["rtx4090x2-ddr5x2"]
+    second = replace(base.more_gpus[0], total_bytes=int(gpu_gib[1] * GIB) + GIB, free_bytes=int(gpu_gib[1] * GIB),
+                     bw_gbs=second_bw_gbs or base.more_gpus[0].bw_gbs)
+    machine = replace(base, name="test2", gpu_total_bytes=int(gpu_gib[0] * GIB) + GIB,
+                      gpu_free_bytes=int(gpu_gib[0] * GIB), spill_bytes=int(spill_gib * GIB), more_gpus=(second,))
+    return Scenario(f"test2-{model.name}-{gpu_gib}", machine, model, workload, memory_seed=7, why="test")
 
 
 def test_anatomy_from_spec_is_what_placetune_reads_from_the_written_file(tmp_path: Path) -> None:
@@ -249,3 +260,133 @@ def test_the_staged_search_finds_the_optimum_of_a_48_layer_moe_in_40_trials(seed
     assert sum(not t.duplicate for t in run.trials) == 40
     predicted_out = [t for t in run.trials if t.reason.startswith("predicted not to fit")]
     assert len(predicted_out) <= 2  # the walk proposes only what the memory model says fits (seeds may not)
+
+
+def test_op_offload_threshold_moves_prompt_speed_only_below_it() -> None:
+    """GGML_OP_OFFLOAD_MIN_BATCH (PR 18535): a ubatch below it multiplies the experts in RAM on the CPU."""
+    shape, machine = model_shape(QWEN), MACHINES["rtx5080-ddr5x2"]
+    w = replace(CHAT, n_prompt=4096)
+
+    def at(ub: int, threshold: int | None) -> tuple[float, float]:
+        env = () if threshold is None else (("GGML_OP_OFFLOAD_MIN_BATCH", str(threshold)),)
+        s = speeds(shape, replace(parse_flags(f"-ngl 99 --n-cpu-moe 30 -ub {ub}"), env=env), w, machine)
+        return s.pp, s.tg
+
+    assert at(256, None) == at(256, 32) == at(256, 256)  # the default is 32; a ubatch of 256 reaches 256
+    below, offloaded = at(256, 512), at(256, 32)
+    assert below[0] < 0.75 * offloaded[0] and below[1] == offloaded[1]  # the CPU multiplies slower; tg is batch 1
+    assert below[0] == pytest.approx(speeds(shape, parse_flags("-ngl 99 --n-cpu-moe 30 -ub 256 --no-op-offload"), w,
+                                            machine).pp)
+    assert at(1024, 512) == at(1024, 32)  # every ubatch of the prompt reaches either threshold
+    # and the memory model reserves no copies of RAM-resident weights for a threshold above the ubatch
+    placement = parse_flags("-ngl 99 --n-cpu-moe 30 -ub 256")
+    copies = placetune_need(shape.anatomy, placement, 4096)["CUDA0"].compute
+    above = replace(placement, env=(("GGML_OP_OFFLOAD_MIN_BATCH", "512"),))
+    assert placetune_need(shape.anatomy, above, 4096)["CUDA0"].compute < copies
+    assert placetune_need(shape.anatomy, above, 4096) == placetune_need(shape.anatomy, replace(
+        placement, no_op_offload=True), 4096)
+
+
+def test_two_gpus_memory_and_out_of_memory_per_card() -> None:
+    """Each card: placetune's prediction for it plus the hidden error; one card over its capacity fails the load."""
+    placement = parse_flags("-ngl 99 -ts 1,1")
+    roomy = two_gpu_scenario(QWEN, (24.0, 24.0))
+    truth = judge(roomy, placement)
+    error = roomy.hidden_error
+    assert truth.state == OK and set(truth.device_bytes) == {"CUDA0", "CUDA1"}
+    for dev, used in truth.device_bytes.items():
+        need = truth.need[dev]
+        assert need.weights > GIB
+        assert used == need.weights + need.kv + round(need.compute * error.compute_scale) + error.extra_bytes
+    # the weights split as -ts says: half the layers on each card (the output head on the second)
+    assert truth.need["CUDA0"].weights == pytest.approx(truth.need["CUDA1"].weights, rel=0.1)
+    for small in (0, 1):
+        sizes = [24.0, 24.0]
+        sizes[small] = (truth.device_bytes[f"CUDA{small}"] - GIB) / GIB  # a GiB short on one card only
+        scenario = two_gpu_scenario(QWEN, (sizes[0], sizes[1]))
+        assert judge(scenario, placement).state == OOM
+        m = TwinRunner(scenario, seed=0).measure(MODEL, placement, CHAT)
+        assert m.status == "oom" and m.reason.startswith(f"CUDA{small}: out of memory")
+        # moving layers off the short card makes it load
+        lighter = replace(placement, tensor_split=(1.0, 3.0) if small == 0 else (3.0, 1.0))
+        assert judge(scenario, lighter).state == OK
+    spills = two_gpu_scenario(QWEN, ((truth.device_bytes["CUDA0"] - GIB) / GIB, 24.0), spill_gib=2.0)
+    assert judge(spills, placement).state == SPILL
+
+
+def test_tg_grows_with_the_second_cards_bandwidth() -> None:
+    placement = parse_flags("-ngl 99 -ts 1,1 --n-cpu-moe 20")
+    shape = model_shape(QWEN)
+    runs = [speeds(shape, placement, CHAT, two_gpu_scenario(QWEN, (24.0, 24.0), second_bw_gbs=bw).machine)
+            for bw in (250.0, 500.0, 1000.0, 2000.0)]
+    assert all(a.tg < b.tg for a, b in itertools.pairwise(runs)), [r.tg for r in runs]
+    assert len({r.pp for r in runs}) == 1  # prompt speed is compute and PCIe, not memory bandwidth
+    # a card that holds no layer does not matter
+    first_only = replace(placement, tensor_split=(1.0, 0.0))
+    assert len({speeds(shape, first_only, CHAT, two_gpu_scenario(QWEN, (24.0, 24.0), second_bw_gbs=bw).machine).tg
+                for bw in (250.0, 2000.0)}) == 1
+
+
+@pytest.mark.parametrize(("model", "gpu_gib", "spill_gib"), [
+    (TwinModel("glm-6l", preset_spec("glm-4.5-air", n_layers=6)), (3.0, 4.0), 0.5),
+    (replace(MODELS["gpt-oss-120b"], name="oss-5l", spec=preset_spec("gpt-oss-120b", n_layers=5)), (2.5, 3.0), 0.0),
+])
+def test_two_gpu_grid_equals_the_scalar_model(model: TwinModel, gpu_gib: tuple[float, float], spill_gib: float) -> None:
+    workload = Workload(n_prompt=1024, n_gen=64, depth=2048)
+    scenario = two_gpu_scenario(model, gpu_gib, spill_gib, workload, second_bw_gbs=700.0)
+    assert reference_space(scenario.machine) == REFERENCE_SPACE_MULTI
+    shape = model_shape(model)
+    devices = scenario.machine.devices
+    grid = evaluate(shape, scenario.machine, workload, scenario.n_ctx, scenario.hidden_error)
+    rng = random.Random(0)
+    states, loaded_to = set(), set()
+    for _ in range(200):
+        ngl = rng.randrange(len(grid.latency))
+        index = tuple(rng.randrange(d) for d in grid.latency[ngl].shape)
+        params = grid.params((ngl, *index))
+        truth = judge(scenario, to_placement(params, shape.anatomy, devices))
+        states.add(truth.state)
+        if truth.state != OOM and params["cpu_moe_layers"]:
+            loaded_to.add(params["experts_to"])
+        expected = truth.latency(workload)
+        got = float(grid.latency[ngl][index])  # float32 on several cards
+        assert (math.isinf(got), got) == (math.isinf(expected), pytest.approx(expected, rel=1e-5))
+    assert states == ({OK, OOM, SPILL} if spill_gib else {OK, OOM})
+    assert loaded_to == set(DESTINATIONS)  # experts to RAM and to the next card both load somewhere
+    best, params = grid.optimum()
+    assert judge(scenario, to_placement(params, shape.anatomy, devices)).latency(workload) == pytest.approx(best,
+                                                                                                           rel=1e-5)
+
+
+def test_two_gpu_fit_fills_the_first_card_with_whole_layers() -> None:
+    """llama.cpp's --fit on two cards (common/fit.cpp): -ts counts layers, the first card's are whole, the last
+    card's trailing layers keep their experts in RAM, and every card keeps 1 GiB free."""
+    scenario = SCENARIOS["glm-4.5-air-2x24gb"]
+    shape = model_shape(scenario.model)
+    fit = fit_placement(scenario)
+    assert fit.n_gpu_layers == 999 and sum(fit.tensor_split) == shape.n_layers + 1
+    first = int(fit.tensor_split[0])
+    (rule,) = fit.overrides
+    assert rule.buft == "CPU" and min(rule.layers) > first and max(rule.layers) == shape.n_layers - 1
+    assert list(rule.layers) == list(range(min(rule.layers), shape.n_layers))
+    truth = judge(scenario, fit)
+    assert truth.state == OK
+    assert all(truth.device_bytes[d] <= g.free_bytes - GIB for d, g in zip(scenario.machine.devices,
+                                                                         scenario.machine.gpus, strict=True))
+    names = [b.name.split(" (")[0] for b in baselines(scenario)]
+    assert names == ["--cpu-moe", "best --n-cpu-moe", "best per-card -ot", "--fit"]
+
+
+def test_a_search_on_two_twin_gpus_splits_layers_between_them() -> None:
+    """The search picks search_spaces/multi.toml itself when the machine lists two CUDA devices."""
+    model = TwinModel("qwen-8l", preset_spec("qwen3-30b-a3b", n_layers=8))
+    scenario = two_gpu_scenario(model, (1.5, 1.5), workload=replace(CHAT, repetitions=2, warmups=0))
+    run = run_search(scenario, seed=1, n_trials=12)
+    assert len(run.trials) == 12 and any(t.state == "COMPLETE" for t in run.trials)
+    shape = model_shape(model)
+    assert space_for(shape.anatomy, scenario.machine.devices).name == "multi"
+    points = [Placement.from_dict(t.placement) for t in run.trials if t.placement and t.placement["env"]]
+    assert points and all(p.tensor_split and p.split_mode == "layer" for p in points)  # split_first, -ts
+    optimum, _ = evaluate(shape, scenario.machine, scenario.workload, scenario.n_ctx, scenario.hidden_error).optimum()
+    winner = judge(scenario, Placement.from_dict(run.winner)).latency(scenario.workload)
+    assert optimum <= winner * (1 + 1e-5) and winner < math.inf

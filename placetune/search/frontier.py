@@ -8,6 +8,12 @@ the fewest expert layers in RAM (or the most layers on the accelerator) that the
 margins out-of-memory trials have widened, says fit. Memory on the accelerator only shrinks as the fill
 moves that way, so a bisection finds it in log(layers) checks. `slack` keeps a candidate that many steps
 short of the edge, for cards whose real allocation runs past the model's estimate.
+
+On several cards one set of expert layers in RAM frees memory only on the cards that hold those layers,
+so the split between the cards decides how far the fill must go: experts of the last layers in RAM on an
+even split empty the last card while the first one still overflows. `balance` sets the split too: the one
+that leaves the fewest expert layers in RAM. And a block of layers there grows from its centre, both ways,
+so that a block over the boundary between two cards frees memory on both.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 from placetune.space import SearchSpace, applies
 
-EXPERTS, LAYERS = "cpu_moe_layers", "n_gpu_layers"
+EXPERTS, LAYERS, SPLIT, START = "cpu_moe_layers", "n_gpu_layers", "split_first", "cpu_moe_start"
 # llama.cpp's own value for each knob it has a default for (common/common.h); the others are placetune's
 # reference choices: experts of the last layers in RAM, as --fit puts them (ik_llama PR 2262: +10% pp).
 LLAMA_DEFAULTS: dict[str, Any] = {
@@ -76,6 +82,11 @@ class Frontier:
             spec = next(d for d in space.dimensions if d.name == LAYERS)
             low, high = space.bounds(spec, facts)
             self.layers = list(range(low, high + 1, spec.step))
+        self.splits: list[int] = []  # split_first values, when the space splits layers across several cards
+        if self.dim == EXPERTS and SPLIT in space.dimension_names():
+            spec = next(d for d in space.dimensions if d.name == SPLIT)
+            low, high = space.bounds(spec, facts)
+            self.splits = list(range(low, high + 1, spec.step))
 
     def edge(self, params: dict[str, Any]) -> int | None:
         """Index into `values` of the fullest fill that fits with the other parameters as given; None if none."""
@@ -83,7 +94,7 @@ class Frontier:
             return None
 
         def ok(i: int) -> bool:
-            return self.fits({**params, self.dim: self.values[i]})
+            return self.fits(self.filled(params, i))
 
         low, high = 0, len(self.values) - 1
         if not ok(high):
@@ -96,6 +107,21 @@ class Frontier:
                 low = mid + 1
         return low
 
+    def centred(self, params: dict[str, Any]) -> bool:
+        """Whether params' expert layers are a block that grows from its centre (on several cards)."""
+        return bool(self.splits) and params.get("cpu_moe_position") == "block"
+
+    @staticmethod
+    def centre(params: dict[str, Any]) -> int:
+        return int(params.get(START, 0)) + int(params.get(EXPERTS) or 0) // 2
+
+    def filled(self, params: dict[str, Any], i: int) -> dict[str, Any]:
+        """params with the i-th fill; on several cards a block keeps its centre (see the module docstring)."""
+        out = {**params, self.dim: self.values[i]}
+        if self.centred(params):
+            out[START] = max(0, self.centre(params) - self.values[i] // 2)
+        return out
+
     def slack(self, params: dict[str, Any]) -> int:
         """How many steps short of the edge a candidate's fill is (0 on it, or past it)."""
         if self.dim is None or params.get(self.dim) not in self.values:
@@ -103,21 +129,36 @@ class Frontier:
         edge = self.edge(params)
         return 0 if edge is None else max(0, self.values.index(params[self.dim]) - edge)
 
-    def place(self, params: dict[str, Any], slack: int = 0, fewer_layers: bool = False) -> dict[str, Any] | None:
+    def place(self, params: dict[str, Any], slack: int = 0, fewer_layers: bool = False,
+              balance: bool = False) -> dict[str, Any] | None:
         """params with the fill `slack` steps short of the edge; None when nothing fits with these parameters.
 
         fewer_layers: when not even every expert in RAM fits with this -ngl, fewer layers go to the
         accelerator (the most that fit with every expert in RAM), then filled as usual.
+        balance: on several cards, the split too (see `balanced`).
         """
         if self.dim is None:
             return params if self.fits(params) else None
+        if balance and self.splits:
+            params = self.balanced(params)
         edge = self.edge(params)
         if edge is None and fewer_layers and self.dim == EXPERTS and self.layers:
             params = self._fewer_layers(params)
             edge = None if params is None else self.edge(params)
         if edge is None or params is None:
             return None
-        return {**params, self.dim: self.values[min(edge + slack, len(self.values) - 1)]}
+        return self.filled(params, min(edge + slack, len(self.values) - 1))
+
+    def balanced(self, params: dict[str, Any]) -> dict[str, Any]:
+        """params with the split between the cards whose edge leaves the fewest expert layers in RAM; of equals,
+        the one nearest params' own split. Unchanged when no split fits."""
+        own = params.get(SPLIT, self.splits[len(self.splits) // 2])
+        best: tuple[int, int] | None = None
+        for value in sorted(self.splits, key=lambda v: abs(v - own)):
+            edge = self.edge({**params, SPLIT: value})
+            if edge is not None and (best is None or edge < best[0]):
+                best = (edge, value)
+        return params if best is None else {**params, SPLIT: best[1]}
 
     def _fewer_layers(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """params with the most layers below its -ngl that fit with every expert in RAM; None if none does."""
@@ -141,6 +182,7 @@ class Frontier:
 def filled_defaults(space: SearchSpace, facts: dict[str, int],
                     fits: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
     """llama.cpp's default knobs with the accelerator filled to the memory edge (what --fit would pick, at the
-    search's own margins, as a point of the search space); None when nothing fits."""
-    placed = Frontier(space, facts, fits).place(default_params(space, facts), fewer_layers=True)
+    search's own margins, as a point of the search space; on several cards split where that leaves the fewest
+    expert layers in RAM); None when nothing fits."""
+    placed = Frontier(space, facts, fits).place(default_params(space, facts), fewer_layers=True, balance=True)
     return None if placed is None else conditional(placed, space)

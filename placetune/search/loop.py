@@ -46,7 +46,7 @@ from placetune.search.finals import (
 )
 from placetune.search.objective import check_objective, objective_value, speed_samples
 from placetune.search.seeds import BASELINE, CANDIDATE, Seed, SeedContext, standard_sources
-from placetune.search.staged import Walk
+from placetune.search.staged import Walk, ubatch_sizes
 from placetune.search.study import open_storage, open_study
 from placetune.search.workers import Workers, counted, retried_numbers
 from placetune.space import facts_for
@@ -84,7 +84,8 @@ class Search:
         self.evidence = LoadedEvidence()
         self._needs: dict[Placement, dict[str, DeviceNeed]] = {}
         self._learn_from_ooms()
-        self.walk = Walk(config.space, self.facts, self._params_fit, self._params_flags) \
+        self.walk = Walk(config.space, self.facts, self._params_fit, self._params_flags,
+                         lambda params: ubatch_sizes(config.workload, self._params_placement(params))) \
             if config.strategy == "staged" else None
         if self.margins.widened:
             self.notes.append("margins widened by earlier out-of-memory trials: " + ", ".join(

@@ -1,7 +1,8 @@
 """`python -m placetune.twin.bench`: placetune's current search judged on the calibrated twin (SIMULATED).
 
 For each scenario: the true optimum by exhaustive enumeration of the fixed reference space
-(grid.REFERENCE_SPACE), the baselines (--cpu-moe, the best --n-cpu-moe N, --fit), and the search
+(grid.REFERENCE_SPACE on one GPU, grid.REFERENCE_SPACE_MULTI on several), the baselines (--cpu-moe,
+the best --n-cpu-moe N, --fit, and on several GPUs the best per-card -ot), and the search
 with a trial budget over several seeds. Reported per scenario: quality = true speed of the search's
 named winner / true optimum (median and worst over seeds), trials and simulated hours until the
 incumbent reaches 98%, and the winner against each baseline. Writes twin.md, twin.json and
@@ -28,10 +29,10 @@ import numpy as np
 
 from placetune.placement import Placement, render_flags
 from placetune.space import to_placement
-from placetune.twin.baselines import baselines
+from placetune.twin.baselines import CPU_MOE, FIT, N_CPU_MOE, PER_CARD, baselines
 from placetune.twin.calibration import calibrate
 from placetune.twin.drive import STRATEGIES, SearchRun, run_search
-from placetune.twin.grid import REFERENCE_SPACE, evaluate
+from placetune.twin.grid import REFERENCE_SPACE, REFERENCE_SPACE_MULTI, evaluate, reference_space
 from placetune.twin.runner import LABEL
 from placetune.twin.scenarios import SCENARIOS, Scenario
 from placetune.twin.shape import model_shape
@@ -42,6 +43,7 @@ TARGET = 0.98
 # spread of one trial's median on the twin (log-normal samples of 1.5-2.5% and a 1% offset per load).
 NOISE_BAND = 0.02
 TIME_GRID_POINTS = 200
+VERSUS_COLUMNS = (CPU_MOE, N_CPU_MOE, FIT, PER_CARD)  # the table's "vs" columns, by baseline name before " ("
 
 
 def true_latency(scenario: Scenario, placement: dict[str, Any] | None) -> float:
@@ -104,8 +106,8 @@ def bench_scenario(name: str, seeds: int, n_trials: int, strategy: str = "staged
     started = time.perf_counter()
     grid = evaluate(shape, scenario.machine, scenario.workload, scenario.n_ctx, scenario.hidden_error)
     optimum_s, optimum_params = grid.optimum()
-    optimum = {"latency_s": optimum_s, "params": optimum_params,
-               "flags": render_flags(to_placement(optimum_params, shape.anatomy)),
+    optimum = {"latency_s": optimum_s, "params": optimum_params, "reference_space": reference_space(scenario.machine),
+               "flags": render_flags(to_placement(optimum_params, shape.anatomy, scenario.machine.devices)),
                "points_within_2pct": grid.count_within(TARGET), "threads": grid.threads,
                "points": int(sum(lat.size for lat in grid.latency))}
     grid_s = time.perf_counter() - started
@@ -157,21 +159,24 @@ def markdown(results: list[dict[str, Any]], calibration: list[Any], meta: dict[s
         f"Every figure below is {LABEL} by the calibrated twin (placetune/twin), not measured. "
         f"Search: strategy {meta.get('strategy', 'staged')}, {meta['trials']} trials per seed, {meta['seeds']} seeds, "
         f"placetune {meta['revision']}; "
-        f"optimum: exhaustive over reference space {REFERENCE_SPACE}. Quality = true speed of the search's "
-        f"named winner / true optimum; 'vs X' = winner speed / X's speed (median, worst).", "",
+        f"optimum: exhaustive over reference space {REFERENCE_SPACE} (one GPU) or {REFERENCE_SPACE_MULTI} (two). "
+        f"Quality = true speed of the search's named winner / true optimum; 'vs X' = winner speed / X's speed "
+        f"(median, worst); per-card -ot: even -ts with one -ot rule per card (two-GPU scenarios only).", "",
         "| scenario | optimum s | quality median | worst | seeds ≥ 0.98 | trials to 0.98 | sim. h to 0.98 "
-        "| sim. h per search (loading) | vs --cpu-moe | vs best --n-cpu-moe | vs --fit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sim. h per search (loading) | " + " | ".join(f"vs {c.removeprefix('best ')}" for c in VERSUS_COLUMNS)
+        + " |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(VERSUS_COLUMNS),
     ]
     for r in results:
         s = r["summary"]
-        v = list(s["versus"].values())
+        by_column = {name.split(" (")[0]: x for name, x in s["versus"].items()}
         lines.append(
             f"| {r['scenario']} | {r['optimum']['latency_s']:.2f} | {s['quality_median']:.3f} | "
             f"{s['quality_worst']:.3f} | {s['seeds_reaching_target']}/{len(r['runs'])} | "
             f"{_fmt(s['trials_to_target_median'], '.0f')} | {_fmt(s['hours_to_target_median'], '.1f')} | "
             f"{s['search_hours_median']:.1f} ({s['load_share_median']:.0%}) | "
-            + " | ".join(f"{x['median']:.2f} ({x['worst']:.2f})" for x in v) + " |")
+            + " | ".join(f"{by_column[c]['median']:.2f} ({by_column[c]['worst']:.2f})" if c in by_column else "-"
+                         for c in VERSUS_COLUMNS) + " |")
     lines += ["", "## Scenarios", "",
               "| scenario | machine | model | request | optimum (flags) | points ≥ 0.98 of it (at its -t) "
               "| baselines (s) |",
@@ -316,7 +321,7 @@ def main() -> None:
                   f"{s['winner_slower_than_baseline']}/{s['judged_runs']} [{r['wall_s']:.0f} s]", flush=True)
             results.append(r)
     meta = {"seeds": args.seeds, "trials": args.trials, "strategy": args.strategy, "revision": _revision(),
-            "reference_space": REFERENCE_SPACE,
+            "reference_space": {"one GPU": REFERENCE_SPACE, "several GPUs": REFERENCE_SPACE_MULTI},
             "label": LABEL, "wall_s": time.perf_counter() - started}
     (args.out / "twin.json").write_text(json.dumps(
         {"meta": meta, "scenarios": results, "calibration": [{**asdict(c), "ratio": c.ratio, "ok": c.ok}

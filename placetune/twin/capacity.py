@@ -1,9 +1,10 @@
-"""What fits on the twin's GPU: placetune's own memory model, plus an error the search does not know.
+"""What fits on the twin's GPUs: placetune's own memory model, plus an error the search does not know.
 
 A real card runs out of memory where the real allocation exceeds free memory, not where
-placetune's estimate does. The twin takes placetune's prediction (weights and KV exact, compute
-buffer estimated) and adds a hidden per-scenario error to the estimated part, so that near the
-cliff a search meets OOMs (or, on a machine that spills, the spill cliff) as it would on a card.
+placetune's estimate does. The twin takes placetune's prediction per card (weights and KV exact,
+compute buffer estimated) and adds a hidden per-scenario error to the estimated part of each, so
+that near the cliff a search meets OOMs (or, on a machine that spills, the spill cliff) as it would
+on a card. Every card is judged on its own: one card over its capacity is enough to fail the load.
 
 `placetune_need` is the only call into placetune.memory, so a change to its signature is one edit.
 """
@@ -54,18 +55,30 @@ class HiddenError:
 NO_ERROR = HiddenError(1.0, 0)
 
 
-def true_gpu_bytes(need: Mapping[str, DeviceNeed], error: HiddenError) -> int:
-    """What the GPU really allocates for a placement whose predicted need is `need`."""
-    n = need.get(GPU)
-    if n is None or n.total == 0:
-        return 0
-    return n.weights + n.kv + round(n.compute * error.compute_scale) + error.extra_bytes
+def true_device_bytes(need: Mapping[str, DeviceNeed], error: HiddenError,
+                      devices: Sequence[str] = DEVICES) -> dict[str, int]:
+    """What each card really allocates for a placement whose predicted need is `need` (0 for an unused card).
+
+    Each card has its own compute buffer and its own unaccounted bytes (cuBLAS workspace, fragmentation), so
+    the error applies to each."""
+    out = {}
+    for dev in devices:
+        n = need.get(dev)
+        out[dev] = 0 if n is None or n.total == 0 else \
+            n.weights + n.kv + round(n.compute * error.compute_scale) + error.extra_bytes
+    return out
 
 
-def fit_state(gpu_bytes: float, cpu_bytes: float, machine: TwinMachine) -> str:
-    """ok, spill (past capacity, within what the driver spills to shared memory) or oom."""
+def fit_state(device_bytes: Mapping[str, float], cpu_bytes: float, machine: TwinMachine) -> str:
+    """ok, spill (some card past capacity, within what the driver spills to shared memory) or oom (any card
+    past that, or RAM)."""
     if cpu_bytes > machine.ram_bytes:
         return OOM
-    if gpu_bytes <= machine.gpu_free_bytes:
-        return OK
-    return SPILL if gpu_bytes <= machine.gpu_free_bytes + machine.spill_bytes else OOM
+    state = OK
+    for dev, gpu in zip(machine.devices, machine.gpus, strict=True):
+        used = device_bytes.get(dev, 0)
+        if used > gpu.free_bytes + machine.spill_bytes:
+            return OOM
+        if used > gpu.free_bytes:
+            state = SPILL
+    return state

@@ -1,9 +1,10 @@
 """The one adapter between the twin and placetune's search: run the current search on a scenario.
 
-The search takes the twin's machine directly: a synthetic `Machine` (one CUDA0 device with the
-card's free memory, no device or RAM probe), the twin's bandwidths for the roofline seed, and the
-twin's --fit answer for the llama-fit-params seed (no binary runs). Everything that knows how the
-search is built lives here: the rest of the twin never imports placetune.search.
+The search takes the twin's machine directly: a synthetic `Machine` (one CUDA device per card with
+its free memory, no device or RAM probe), the twin's bandwidths for the roofline seed, and the
+twin's --fit answer for the llama-fit-params seed (no binary runs). With two cards the search picks
+search_spaces/multi.toml itself, as it does on a real machine with two accelerators. Everything
+that knows how the search is built lives here: the rest of the twin never imports placetune.search.
 
 The study lives in Optuna's in-memory storage: one worker, nothing to resume, and SQLite's per-attribute
 commits would otherwise take most of a simulated trial's time.
@@ -12,6 +13,7 @@ commits would otherwise take most of a simulated trial's time.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,18 +29,18 @@ from placetune.search import Search, serving_for
 from placetune.search.config import STRATEGIES, SearchConfig
 from placetune.search.seeds import Seed, SeedContext, SeedSource
 from placetune.search.seeds.by_hand import ByHand
+from placetune.search.seeds.even_split import EvenSplit
 from placetune.search.seeds.filled import FilledDefaults
 from placetune.search.seeds.fit import LlamaFitParams
 from placetune.search.seeds.roofline import Roofline
-from placetune.space import SearchSpace, resolve_space, to_placement
+from placetune.space import SearchSpace, resolve_space
 from placetune.storage import MEMORY_STORAGE
-from placetune.twin.baselines import fit_params
-from placetune.twin.capacity import GPU
+from placetune.twin.baselines import fit_placement
 from placetune.twin.runner import LABEL, TwinRunner
 from placetune.twin.scenarios import Scenario
 from placetune.twin.shape import model_shape
 
-__all__ = ["STRATEGIES", "SearchRun", "TrialRecord", "run_search", "twin_machine"]
+__all__ = ["STRATEGIES", "SearchRun", "TrialRecord", "run_search", "space_for", "twin_machine"]
 RAM_PROBE_SHARE = 0.75  # what placetune's RAM probe reads of a machine's theoretical bandwidth
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ def twin_machine(scenario: Scenario) -> Machine:
         hostname="twin", cpu_model=f"{m.cpu_name} ({LABEL})", physical_cores=m.cores, logical_cores=2 * m.cores,
         ram_total_bytes=m.ram_bytes, ram_available_bytes=m.ram_bytes,
         llama_devices=[LlamaDevice("CPU", m.cpu_name, "CPU", m.ram_bytes, m.ram_bytes),
-                       LlamaDevice(GPU, m.gpu_name, GPU, m.gpu_free_bytes, m.gpu_total_bytes)],
+                       *(LlamaDevice(dev, gpu.name, dev, gpu.free_bytes, gpu.total_bytes)
+                         for dev, gpu in zip(m.devices, m.gpus, strict=True))],
         llama_build={"runner": LABEL, "machine": m.name},
     )
 
@@ -82,17 +85,16 @@ def twin_machine(scenario: Scenario) -> Machine:
 @functools.cache
 def _twin_fit(scenario: Scenario) -> FitAnswer | None:
     """The twin's --fit answer as llama-fit-params would print it (no binary runs)."""
-    params = fit_params(scenario)
-    if params is None:
+    placement = fit_placement(scenario)
+    if placement is None:
         return None
-    placement = to_placement(params, model_shape(scenario.model).anatomy)
     return FitAnswer(placement, f"twin --fit: {render_flags(placement)}", ())
 
 
-def _space(anatomy: Anatomy) -> SearchSpace:
-    """The space the search would pick on the twin's one CUDA card (its env knobs included)."""
-    space = resolve_space(None, anatomy, [GPU])
-    space.for_devices([GPU])
+def space_for(anatomy: Anatomy, devices: Sequence[str]) -> SearchSpace:
+    """The space the search would pick on the twin's cards (moe on one, multi on several; env knobs included)."""
+    space = resolve_space(None, anatomy, devices)
+    space.for_devices(devices)
     return space
 
 
@@ -117,16 +119,17 @@ def run_search(scenario: Scenario, seed: int, n_trials: int, strategy: str = "st
     anatomy = shape.anatomy
     m = scenario.machine
     bandwidths = {"CPU": Bandwidth(m.ram_bw_gbs * RAM_PROBE_SHARE, f"twin RAM probe ({LABEL})"),
-                  GPU: Bandwidth(m.gpu_bw_gbs, f"twin spec sheet ({LABEL})")}
+                  **{dev: Bandwidth(gpu.bw_gbs, f"twin spec sheet ({LABEL})")
+                     for dev, gpu in zip(m.devices, m.gpus, strict=True)}}
     fit = _twin_fit(scenario)
     sources = [LlamaFitParams(fit)] if fit else []
     config = SearchConfig(
         model=Path(f"{scenario.model.name}.gguf"), anatomy=anatomy, machine=machine,
-        space=_space(anatomy), workload=scenario.workload,
+        space=space_for(anatomy, m.devices), workload=scenario.workload,
         serving=serving_for(anatomy, scenario.workload, ctx=scenario.n_ctx), objective=scenario.objective,
         strategy=strategy, n_trials=n_trials, seed=seed, storage=MEMORY_STORAGE, runner_name=TwinRunner.name,
         bandwidths=bandwidths,
-        seed_sources=[*sources, ByHand(), _Once(Roofline(), scenario.name), FilledDefaults()],
+        seed_sources=[*sources, ByHand(), EvenSplit(), _Once(Roofline(), scenario.name), FilledDefaults()],
     )
     search = Search(config, runner, on_trial=on_trial)
     notes = [*search.notes, *search.enqueue_seeds()]

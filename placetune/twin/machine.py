@@ -1,4 +1,4 @@
-"""The twin's machines: one GPU, system RAM and a CPU, described by the figures that decide MoE speed.
+"""The twin's machines: one or more GPUs, system RAM and a CPU, described by the figures that decide MoE speed.
 
 Spec figures (bandwidths, tensor throughput, PCIe generation) come from vendor spec sheets and
 are cited where they are set. Efficiencies and overheads are the twin's calibration: one shared
@@ -21,8 +21,31 @@ MIB = 2**20
 
 
 @dataclass(frozen=True)
+class TwinGpu:
+    """One card: its memory, bandwidth, tensor throughput and its own PCIe link to the host."""
+
+    name: str
+    total_bytes: int
+    free_bytes: int  # what llama.cpp's device list reports free before loading
+    bw_gbs: float  # theoretical memory bandwidth
+    tflops: float  # dense FP16 tensor throughput with FP32 accumulate
+    pcie_gbs: float  # host-to-device, theoretical, per direction
+
+    def check(self, machine: str) -> None:
+        for key in ("total_bytes", "free_bytes", "bw_gbs", "tflops", "pcie_gbs"):
+            if getattr(self, key) <= 0:
+                raise PlacetuneError(f"twin machine {machine!r}: GPU {self.name!r}: {key} must be positive")
+        if self.free_bytes > self.total_bytes:
+            raise PlacetuneError(f"twin machine {machine!r}: GPU {self.name!r}: free memory exceeds its total")
+
+
+@dataclass(frozen=True)
 class TwinMachine:
-    """A single-GPU machine as the twin models it (bytes, seconds, GB/s = 10^9 bytes/s)."""
+    """A machine as the twin models it (bytes, seconds, GB/s = 10^9 bytes/s).
+
+    The gpu_* fields and pcie_gbs describe the first card (CUDA0); more_gpus the others (CUDA1, ...), in
+    llama.cpp's device order. Efficiencies and overheads are shared by every card.
+    """
 
     name: str
     description: str
@@ -50,6 +73,9 @@ class TwinMachine:
     token_overhead_s: float = 0.3e-3  # per generated token: sampling, batch set-up
     ubatch_overhead_s: float = 2e-3  # per ubatch of a prompt: graph build and launch
     spill_bytes: int = 0  # >0: the driver spills this much past capacity into shared memory (WDDM) instead of OOM
+    # -- more cards: CUDA1, ... and the link activations cross between two of them --
+    more_gpus: tuple[TwinGpu, ...] = ()
+    link_gbs: float = 0.0  # card to card, theoretical, per direction (through the host without peer access)
     # -- loading (the dominant per-trial cost on big models) --
     init_s: float = 2.5  # CUDA and context initialisation
     upload_gbs: float = 6.0  # page cache -> GPU through llama.cpp's staging buffer
@@ -68,6 +94,22 @@ class TwinMachine:
                 raise PlacetuneError(f"twin machine {self.name!r}: {key} must be positive")
         if self.gpu_free_bytes > self.gpu_total_bytes:
             raise PlacetuneError(f"twin machine {self.name!r}: free GPU memory exceeds its total")
+        for gpu in self.more_gpus:
+            gpu.check(self.name)
+        if self.more_gpus and self.link_gbs <= 0:
+            raise PlacetuneError(f"twin machine {self.name!r}: several GPUs need link_gbs, the link between them")
+
+    @property
+    def gpus(self) -> tuple[TwinGpu, ...]:
+        """Every card in llama.cpp's order, the first from the gpu_* fields."""
+        first = TwinGpu(self.gpu_name, self.gpu_total_bytes, self.gpu_free_bytes, self.gpu_bw_gbs, self.gpu_tflops,
+                        self.pcie_gbs)
+        return (first, *self.more_gpus)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The cards' names as llama.cpp lists them: CUDA0, CUDA1, ..."""
+        return tuple(f"CUDA{i}" for i in range(1 + len(self.more_gpus)))
 
 
 # Desktop CPUs and their RAM. DDR bandwidth = channels x MT/s x 8 bytes.
@@ -115,6 +157,17 @@ MACHINES: dict[str, TwinMachine] = {
         name="rtx4090-ddr5x2", description="RTX 4090 24 GB, dual-channel DDR5-6000",
         gpu_name="NVIDIA GeForce RTX 4090", gpu_total_bytes=24564 * MIB, gpu_free_bytes=24000 * MIB,
         gpu_bw_gbs=1008.0, gpu_tflops=165.2, pcie_gbs=31.5, ram_bytes=128 * GIB, ram_bw_gbs=96.0, **_RYZEN_16C,
+    ),
+    # Two of the same 4090s in the same desktop. With two cards an AM5 board splits the CPU's x16 slot into x8/x8,
+    # so each card has PCIe 4.0 x8 (15.75 GB/s). GeForce 40 cards have no NVLink and the driver gives them no
+    # peer access, so a card-to-card copy goes through host memory, at about one x8 link. The first card drives
+    # the display (ASSUMED: the desktop takes about 600 MiB of it).
+    "rtx4090x2-ddr5x2": TwinMachine(
+        name="rtx4090x2-ddr5x2", description="2 x RTX 4090 24 GB (PCIe 4.0 x8 each), dual-channel DDR5-6000",
+        gpu_name="NVIDIA GeForce RTX 4090", gpu_total_bytes=24564 * MIB, gpu_free_bytes=23400 * MIB,
+        gpu_bw_gbs=1008.0, gpu_tflops=165.2, pcie_gbs=15.75, ram_bytes=128 * GIB, ram_bw_gbs=96.0, **_RYZEN_16C,
+        more_gpus=(TwinGpu("NVIDIA GeForce RTX 4090", 24564 * MIB, 24000 * MIB, 1008.0, 165.2, 15.75),),
+        link_gbs=15.75,
     ),
     # A 12 GB card under Windows (WDDM's shared-memory fallback spills instead of failing: the spill cliff).
     # RTX 4070: 504 GB/s, 58.3 TFLOPS FP16 (FP32 acc), PCIe 4.0 x16 (NVIDIA Ada whitepaper); an 8-core desktop

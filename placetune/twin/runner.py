@@ -20,7 +20,6 @@ import numpy as np
 from placetune.memory import DeviceNeed
 from placetune.placement import Placement, render_flags
 from placetune.runners.base import OK, OOM, TIMEOUT, Measurement, Stats, Workload
-from placetune.twin.capacity import GPU
 from placetune.twin.model import speeds
 from placetune.twin.scenarios import Scenario
 from placetune.twin.shape import model_shape
@@ -32,8 +31,9 @@ PROCESS_S = 0.5  # starting and stopping the measuring process (once per load)
 CONTEXT_S = 0.3  # re-creating a context on a model that stays loaded
 WARMUP_GEN = 16  # the embedded runner's warm-up generates at most 16 tokens
 OUTLIER_SLOWDOWN = (0.55, 0.85)
-# runners/embedded_child.MODEL_KEYS: what forces a reload when it changes
-MODEL_KEYS = ("n_gpu_layers", "overrides", "load_mode", "repack", "tensor_split")
+# runners/embedded_child.MODEL_KEYS: what forces a reload when it changes (the environment knobs are read when the
+# backends start, so a new value needs a new process)
+MODEL_KEYS = ("n_gpu_layers", "overrides", "load_mode", "repack", "tensor_split", "split_mode", "env")
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,7 @@ class TwinRunner:
         if truth.speeds is None:
             self._loaded = None
             m.status = OOM
-            m.reason = (f"{GPU}: out of memory ({LABEL}: needs {human_bytes(truth.gpu_bytes)}, "
-                        f"{human_bytes(machine.gpu_free_bytes)} free)")
+            m.reason = self._oom_reason(truth.device_bytes, truth.need["CPU"].total)
             m.load_s = load_s / 2  # the allocation fails part-way through loading
             return self._finish(m, placement, m.load_s + PROCESS_S)
         if reload:
@@ -107,6 +106,15 @@ class TwinRunner:
         self.events.append(TwinEvent(render_flags(placement), m.status, m.load_s or 0.0, wall_s, self.clock_s))
         return m
 
+    def _oom_reason(self, device_bytes: Mapping[str, int], cpu_bytes: int) -> str:
+        """The first card that ran out, as llama.cpp names it (or RAM)."""
+        machine = self.scenario.machine
+        for dev, gpu in zip(machine.devices, machine.gpus, strict=True):
+            if device_bytes.get(dev, 0) > gpu.free_bytes + machine.spill_bytes:
+                return (f"{dev}: out of memory ({LABEL}: needs {human_bytes(device_bytes[dev])}, "
+                        f"{human_bytes(gpu.free_bytes)} free)")
+        return f"CPU: out of memory ({LABEL}: needs {human_bytes(cpu_bytes)}, {human_bytes(machine.ram_bytes)} RAM)"
+
     def _samples(self, rate: float, sigma: float, n: int) -> list[float]:
         noise = np.exp(self.rng.normal(0.0, sigma, n))
         slow = np.where(self.rng.random(n) < self.scenario.machine.outlier_rate,
@@ -117,7 +125,8 @@ class TwinRunner:
         """CUDA start-up, the GPU's weights through the staging buffer, RAM-resident weights copied
         into pinned buffers with --no-mmap, and the first read of the file from disk."""
         m = self.scenario.machine
-        seconds = m.init_s + need[GPU].weights / (m.upload_gbs * 1e9) if GPU in need else m.init_s
+        on_cards = sum(need[dev].weights for dev in m.devices if dev in need)
+        seconds = m.init_s + on_cards / (m.upload_gbs * 1e9)
         if placement.load_mode == "none":
             seconds += need["CPU"].weights / (m.host_copy_gbs * 1e9)
         if not self._file_cached:

@@ -57,6 +57,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "two thirds of the experts in RAM: ubatch against expert layers"),
     Scenario("glm-4.5-air-24gb", MACHINES["rtx4090-ddr5x2"], MODELS["glm-4.5-air"], _request(2048, 512, 0), 5,
              "46 layers, a dense first layer and shared experts"),
+    Scenario("glm-4.5-air-2x24gb", MACHINES["rtx4090x2-ddr5x2"], MODELS["glm-4.5-air"], _request(2048, 512, 0), 7,
+             "the same request on two 24 GB cards: the split between them, and which card's experts go to RAM"),
     Scenario("qwen3-235b-80gb", MACHINES["h100-ddr5x8"], MODELS["qwen3-235b-a22b"], _request(8192, 512, 8192), 6,
              "94 layers and 8-channel RAM: the largest space"),
 )}

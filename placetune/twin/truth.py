@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from placetune.memory import DeviceNeed
 from placetune.placement import Placement
 from placetune.runners.base import Workload
-from placetune.twin.capacity import OOM, fit_state, placetune_need, true_gpu_bytes
+from placetune.twin.capacity import GPU, OOM, fit_state, placetune_need, true_device_bytes
 from placetune.twin.model import Speeds, speeds
 from placetune.twin.scenarios import Scenario
 from placetune.twin.shape import model_shape
@@ -23,9 +23,14 @@ class Truth:
     """What really happens to one placement: its state, what it allocates, and its speeds if it loads."""
 
     state: str  # ok, spill or oom
-    gpu_bytes: int  # the real allocation on the GPU
+    device_bytes: dict[str, int]  # the real allocation on each card
     need: dict[str, DeviceNeed]  # placetune's prediction for the same placement
     speeds: Speeds | None
+
+    @property
+    def gpu_bytes(self) -> int:
+        """The first card's real allocation (the only card's, on a one-GPU machine)."""
+        return self.device_bytes.get(GPU, 0)
 
     def latency(self, workload: Workload) -> float:
         """Seconds for the workload's request; infinite when the placement does not load."""
@@ -42,9 +47,10 @@ def judge(scenario: Scenario, placement: Placement, workload: Workload | None = 
     """The verdict on a placement for the scenario's workload (or another one, e.g. a screening run)."""
     w = workload or scenario.workload
     shape = model_shape(scenario.model)
-    need = placetune_need(shape.anatomy, placement, context_of(placement, w))
-    gpu = true_gpu_bytes(need, scenario.hidden_error)
-    state = fit_state(gpu, need["CPU"].total, scenario.machine)
+    devices = scenario.machine.devices
+    need = placetune_need(shape.anatomy, placement, context_of(placement, w), devices)
+    used = true_device_bytes(need, scenario.hidden_error, devices)
+    state = fit_state(used, need["CPU"].total, scenario.machine)
     if state == OOM:
-        return Truth(state, gpu, need, None)
-    return Truth(state, gpu, need, speeds(shape, placement, w, scenario.machine, state))
+        return Truth(state, used, need, None)
+    return Truth(state, used, need, speeds(shape, placement, w, scenario.machine, state))
