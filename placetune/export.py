@@ -40,12 +40,6 @@ LLAMA_SWAP_PORT = "${PORT}"
 def load_result(result: str, storage: str | None = None) -> BestPlan:
     """A best.json, a results folder holding one, or the name of a study in `storage`."""
     path = Path(result).expanduser()
-    if path.is_dir() and not (path / "best.json").exists():
-        found = sorted(path.rglob("best.json"))
-        if len(found) > 1:
-            listed = ", ".join(str(p.parent) for p in found[:5])
-            raise PlacetuneError(f"{path} holds {len(found)} results ({listed}); give one of those folders")
-        path = found[0] if found else path
     if path.exists():
         return load_best(path)
     if result.endswith(".json") or "/" in result:

@@ -36,6 +36,7 @@ from placetune.anatomy import Anatomy, Group
 from placetune.errors import PlacetuneError
 from placetune.hardware import Gpu, Machine
 from placetune.placement import Placement, device_of, layer_devices, tensor_buffer
+from placetune.results import find_best
 from placetune.units import human_bytes
 
 LABEL = "PREDICTED"
@@ -220,10 +221,9 @@ def devices_for(gpus: Sequence[Gpu], n_rpc: int, extra: Sequence[str] = (), hypo
 
 def load_measured(path: Path) -> tuple[Placement, float, int]:
     """A best.json or `placetune bench --json` document: its placement, measured tg and RPC server count."""
+    path = find_best(path)
     if not path.exists():
         raise PlacetuneError(f"{path} not found; give a best.json (or its results folder) or bench --json output")
-    if path.is_dir():
-        path = path / "best.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         tg = float(data["measurement"]["tg"]["median"])

@@ -166,10 +166,23 @@ def _read_json(path: Path, what: str) -> Any:
         raise PlacetuneError(f"{path} is not valid JSON ({exc})") from None
 
 
+def find_best(path: Path) -> Path:
+    """The best.json a path names: the file, or the one a search's --out folder holds at any depth.
+
+    A search writes OUT/<model>/<machine>/best.json, so users give OUT and expect it found.
+    """
+    if not path.is_dir() or (path / "best.json").exists():
+        return path / "best.json" if path.is_dir() else path
+    found = sorted(path.rglob("best.json"))
+    if len(found) > 1:
+        listed = ", ".join(str(p.parent) for p in found[:5])
+        raise PlacetuneError(f"{path} holds {len(found)} results ({listed}); give one of those folders")
+    return found[0] if found else path / "best.json"
+
+
 def load_best(path: Path) -> BestPlan:
     """A best.json, or a results folder holding one."""
-    if path.is_dir():
-        path = path / "best.json"
+    path = find_best(path)
     data = _read_json(path, "a best.json or the results folder of a search")
     if not isinstance(data, dict):
         raise PlacetuneError(f"{path} is not a placetune best.json (not a JSON object)")

@@ -30,7 +30,7 @@ from placetune.placement import (
     render_bench_command,
     render_server_command,
 )
-from placetune.results import BestPlan, best_script
+from placetune.results import BestPlan, best_script, find_best, load_best
 from placetune.runners.binaries import package_bin_dir
 from placetune.runners.llama_server import free_port, running_server
 
@@ -163,6 +163,18 @@ def test_export_by_study_name_matches_the_search(tiny_search: Path) -> None:
     assert export(plan, "server").startswith(shlex.join(["llama-server", "-m", record["model"]["path"]]))
     with pytest.raises(PlacetuneError, match="studies there"):
         load_result("no-such-study", storage)
+
+
+def test_a_search_out_folder_finds_its_one_best_json(tiny_search: Path, tmp_path: Path) -> None:
+    """Users give search's --out; the best.json lies two folders down (<model>/<machine>)."""
+    best = next(tiny_search.rglob("best.json"))
+    assert find_best(tiny_search) == best
+    assert load_best(tiny_search).data == load_best(best).data
+    twice = tmp_path / "two"
+    for sub in ("a", "b"):
+        shutil.copytree(best.parent, twice / sub)
+    with pytest.raises(PlacetuneError, match="holds 2 results"):
+        load_best(twice)
 
 
 def test_verify_prints_searched_measured_and_ratio(tiny_search: Path) -> None:
