@@ -322,12 +322,12 @@ def shootout(
     """placetune's winner against llama.cpp's own answers (--fit, llama-fit-params, --cpu-moe, the best
     --n-cpu-moe N first and last) and your lines, interleaved, on equal memory, with intervals.
 
-    Every measurement is journaled as it is taken: after a stop, the same command with --resume goes on
-    where it stopped."""
+    Every measurement is journaled as it is taken: after a stop, add --resume to go on where it stopped."""
     from placetune import shootout as so
     from placetune.anatomy import read_anatomy
     from placetune.budgets import MIB, parse_budgets
     from placetune.hardware import probe_machine
+    from placetune.placement import check_buffer_types
     from placetune.results import load_best
     from placetune.runners import get_fit_runner, get_runner
     from placetune.runners.base import Workload
@@ -343,14 +343,18 @@ def shootout(
         raise PlacetuneError(f"--depth {depth!r}: give depths of 0 or more, e.g. 0,4096")
     if best is not None and search_minutes is not None:
         raise PlacetuneError("give placetune's winner either as --best or by --search-minutes, not both")
+    if search_minutes is not None and not search_minutes > 0:
+        raise PlacetuneError(f"--search-minutes must be more than 0, got {search_minutes:g}")
     anatomy = read_anatomy(model)
     workload = Workload(prompt_tokens, gen_tokens, 0, reps, warmups, timeout)
     serving = serving_for(anatomy, replace(workload, depth=depths[-1]), ctx)
     rpc_servers = _rpc_list(rpc)
+    lines = [so.parse_line(text, rpc_servers) for text in line or []]
     runner = default_runner(runner)
     machine = probe_machine(rpc_servers, runner, llama_bin_dir)
     budgets = parse_budgets(budget or [], [d.name for d in machine.llama_devices])
-    lines = [so.parse_line(text) for text in line or []]
+    for _, placement in lines:
+        check_buffer_types(placement, [name for d in machine.llama_devices for name in (d.name, d.buffer_type)])
     folder = out if out != Path() else Path("results") / "shootout" / model.stem
     held = {f"CUDA{g.index}" for g in machine.gpus}
     margin = next((-(-(d.free_bytes - budgets[d.name]) // MIB) for d in machine.accelerators
@@ -390,9 +394,12 @@ def _space_for(anatomy: Any, machine: Any) -> Any:
 
 def _search_for_shootout(config: Any, minutes: float, out: Path, runner_name: str) -> tuple[str, Any]:
     """Run placetune's search on the shootout's model, memory and serving context; its winner's name and placement."""
+    import optuna
+
     from placetune.runners import get_runner
     from placetune.search import Search, SearchConfig
 
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the search's own progress lines say what happens
     folder = (out if out != Path() else Path("results") / "shootout" / config.model.stem).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     measurer = get_runner(runner_name, bin_dir=config.bin_dir, rpc=config.rpc, reuse=True)

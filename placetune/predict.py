@@ -33,7 +33,7 @@ import numpy as np
 from rich.table import Table
 
 from placetune.anatomy import Anatomy, Group
-from placetune.errors import PlacetuneError
+from placetune.errors import PlacetuneError, read_user_text
 from placetune.hardware import Gpu, Machine
 from placetune.placement import Placement, device_of, layer_devices, tensor_buffer
 from placetune.results import find_best
@@ -225,7 +225,7 @@ def load_measured(path: Path) -> tuple[Placement, float, int]:
     if not path.exists():
         raise PlacetuneError(f"{path} not found; give a best.json (or its results folder) or bench --json output")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_user_text(path, "a best.json or bench --json output"))
         tg = float(data["measurement"]["tg"]["median"])
         placement = Placement.from_dict(data["placement"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

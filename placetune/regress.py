@@ -33,7 +33,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from placetune.compare import FASTER, SLOWER, Comparison, compare
-from placetune.errors import PlacetuneError
+from placetune.errors import PlacetuneError, read_user_text
 from placetune.hardware import Machine
 from placetune.placement import Placement, parse_flags, render_flags
 from placetune.records import one_line_error
@@ -124,7 +124,7 @@ def load_suite(path: Path) -> list[Case]:
     if not path.exists():
         raise PlacetuneError(f"suite {path} not found; give a suite .toml file or a results folder")
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        doc = tomllib.loads(read_user_text(path, "a suite .toml file or a results folder"))
     except tomllib.TOMLDecodeError as exc:
         raise PlacetuneError(f"{path} is not valid TOML: {exc}") from None
     if not doc.get("case"):

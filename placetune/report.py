@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from placetune.anatomy import read_anatomy
 from placetune.compare import Comparison
-from placetune.errors import PlacetuneError
+from placetune.errors import PlacetuneError, read_user_text
 from placetune.hardware import Machine, cpu_model
 from placetune.placement import Placement
 from placetune.predict import LABEL, Bandwidth, machine_bandwidths, predict_tg
@@ -156,9 +156,9 @@ def load_inputs(results: str | Path, study_name: str | None = None) -> ReportInp
             return ReportInputs(study, _objective(study), str(db))
         raise PlacetuneError(f"{path} holds neither best.json nor placetune.db; give a search's results folder")
     try:
-        best = json.loads(best_path.read_text(encoding="utf-8"))
+        best = json.loads(read_user_text(best_path, "a search's results folder"))
         info = best["study"]
-    except (json.JSONDecodeError, KeyError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise PlacetuneError(f"{best_path} is not a placetune best.json ({type(exc).__name__})") from None
     objective = info.get("objective", "latency")
     try:

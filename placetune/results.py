@@ -18,7 +18,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from placetune import __version__
-from placetune.errors import PlacetuneError
+from placetune.errors import PlacetuneError, read_user_text
 from placetune.escape import comment
 from placetune.placement import Placement, render_env
 from placetune.records import one_line_error
@@ -158,10 +158,9 @@ def write_results(out_dir: Path, study: optuna.Study, best: BestRecord | None) -
 
 
 def _read_json(path: Path, what: str) -> Any:
-    if not path.exists():
-        raise PlacetuneError(f"{path} not found; give {what}")
+    text = read_user_text(path, what)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise PlacetuneError(f"{path} is not valid JSON ({exc})") from None
 

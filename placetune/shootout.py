@@ -30,7 +30,7 @@ import numpy as np
 from placetune.anatomy import Anatomy
 from placetune.budgets import fit_margins
 from placetune.compare import Comparison, compare, latency_rates
-from placetune.errors import PlacetuneError
+from placetune.errors import PlacetuneError, read_user_text
 from placetune.fit import FitUnavailable, fit_params
 from placetune.hardware import Machine, probe_gpus
 from placetune.holdback import held_back
@@ -83,7 +83,7 @@ class ShootoutConfig:
     rpc: Sequence[str] = ()
     bin_dir: Path | None = None
     rounds: int = 2
-    lines: Sequence[tuple[str, str]] = ()
+    lines: Sequence[tuple[str, Placement]] = ()
     winner: tuple[str, Placement] | None = None
     journal: Path | None = None  # every measurement as it is taken (None: not kept)
     resume: bool = False  # take the journal's measurements instead of measuring them again
@@ -182,8 +182,8 @@ def contenders(c: ShootoutConfig, measure_once: Callable[[Placement], Measuremen
                 best = _sweep(c, position, label, measure_once, notes)
                 if best is not None:
                     entries.append(best)
-    for name, flags in c.lines:
-        entries.append(Entry(name, fixed(c, parse_flags(flags, rpc=c.rpc)), "--line"))
+    for name, placement in c.lines:
+        entries.append(Entry(name, fixed(c, placement), "--line"))
     return _one_per_placement(entries)
 
 
@@ -274,7 +274,7 @@ class Journal:
 
     def _load(self) -> None:
         assert self.path is not None
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        lines = read_user_text(self.path, "a shootout journal, or drop --resume").splitlines()
         head = json.loads(lines[0]) if lines else {}
         changed = sorted(k for k in self.identity if head.get(k) != self.identity[k])
         if changed:
@@ -460,9 +460,9 @@ def write(result: ShootoutResult, out: Path, machine_label: str) -> dict[str, Pa
     return paths
 
 
-def parse_line(text: str) -> tuple[str, str]:
-    """--line NAME='FLAGS' -> (name, flags)."""
+def parse_line(text: str, rpc: Sequence[str] = ()) -> tuple[str, Placement]:
+    """--line NAME='FLAGS' -> (name, placement), parsed before anything is measured so a typo costs no sweep."""
     name, sep, flags = text.partition("=")
     if not sep or not name.strip():
         raise PlacetuneError(f"--line {text!r}: write it as NAME='FLAGS', e.g. --line mine='-ngl 99 --n-cpu-moe 20'")
-    return name.strip(), flags
+    return name.strip(), parse_flags(flags, rpc=rpc)

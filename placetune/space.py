@@ -21,7 +21,7 @@ import optuna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from placetune.anatomy import Anatomy, Group
-from placetune.errors import PlacetuneError
+from placetune.errors import PlacetuneError, read_user_text
 from placetune.placement import FLASH_ATTN, KV_TYPES, LOAD_MODES, ExpertRule, Placement, layer_devices
 from placetune.records import one_line_error
 
@@ -246,7 +246,7 @@ def load_space(path: Path) -> SearchSpace:
     if not path.exists():
         raise PlacetuneError(f"search space {path} not found; pass a .toml file or one of {', '.join(list_spaces())}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_user_text(path, "a search space .toml file"))
     except tomllib.TOMLDecodeError as exc:
         raise PlacetuneError(f"{path}: not valid TOML ({exc})") from None
     return parse_space(path.stem, data, str(path))

@@ -76,3 +76,37 @@ def test_export_checks_the_port(tmp_path: Path) -> None:
     for port in ("99999", "-1", "0"):
         assert "a TCP port is 1 to 65535" in one_line(run("export", str(best), "--port", port))
     assert run("export", str(best), "--port", "8080").stdout.strip().endswith("-fa auto -fit off")
+
+
+@pytest.mark.parametrize("command", [
+    ["export", "{binary}"],
+    ["verify", "{binary}"],
+    ["shootout", "{model}", "--best", "{binary}"],
+    ["predict", "{model}", "--measured", "{binary}"],
+    ["search", "{model}", "--space", "{binary}"],
+    ["regress", "{binary}"],
+    ["search", "{model}", "--space", "{folder}"],
+])
+def test_a_binary_or_a_folder_where_a_text_file_belongs_is_one_line(command: list[str], tiny_moe: Path,
+                                                                    tmp_path: Path) -> None:
+    """A GGUF (binary) or a folder given where a best.json, space or suite belongs: no UnicodeDecodeError."""
+    binary = tmp_path / "best.json"
+    binary.write_bytes(tiny_moe.read_bytes()[:4096])
+    names = {"binary": str(binary), "model": str(tiny_moe), "folder": str(tmp_path / "d")}
+    (tmp_path / "d").mkdir()
+    line = one_line(run(*[arg.format(**names) for arg in command], cwd=tmp_path))
+    assert "give" in line
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--search-minutes", "-1"], "--search-minutes must be more than 0"),
+    (["--depth", "0,abc"], "give whole numbers separated by commas"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--line", "mine"], "write it as NAME='FLAGS'"),
+    (["--line", "mine=--bogus"], "unsupported llama.cpp flag '--bogus'"),
+    (["--line", "mine=-ot x=FOO0"], "'FOO0' is not one this llama.cpp offers"),
+])
+def test_shootout_refuses_bad_options(args: list[str], message: str, tiny_moe: Path, tmp_path: Path) -> None:
+    proc = run("shootout", str(tiny_moe), "--out", str(tmp_path), *args)
+    assert message in one_line(proc)
+    assert not (tmp_path / "shootout.journal.jsonl").exists()
