@@ -34,6 +34,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from placetune.compare import FASTER, SLOWER, Comparison, compare
 from placetune.errors import PlacetuneError, read_user_text
+from placetune.escape import one_line
 from placetune.hardware import Machine
 from placetune.placement import Placement, parse_flags, render_flags
 from placetune.records import one_line_error
@@ -626,10 +627,10 @@ def markdown(report: Report) -> str:
     """The run as a markdown summary (for a CI job summary or a chat message)."""
     m = report.machine
     lines = [
-        f"## placetune regress: {report.suite}",
+        f"## placetune regress: {one_line(report.suite)}",
         "",
-        f"{report.started:%Y-%m-%d %H:%M} UTC on machine `{m.fingerprint()}` ({m.cpu_model}, "
-        f"{m.physical_cores} cores, host {m.hostname}); history `{report.history}`",
+        f"{report.started:%Y-%m-%d %H:%M} UTC on machine `{m.fingerprint()}` ({one_line(m.cpu_model)}, "
+        f"{m.physical_cores} cores, host {one_line(m.hostname)}); history `{one_line(report.history)}`",
         "",
         f"**{report.summary()}**",
         "",
@@ -638,7 +639,7 @@ def markdown(report: Report) -> str:
                        for c in _COLUMNS) + "|",
     ]
     for o in report.outcomes:
-        cells = [c.replace("|", "\\|").replace("\n", " ") for c in _cells(o)]
+        cells = [one_line(c).replace("|", "\\|") for c in _cells(o)]
         if o.status in (REGRESSION, ERROR):
             cells[7] = f"**{cells[7]}**"
         lines.append("| " + " | ".join(cells) + " |")

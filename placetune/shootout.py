@@ -31,6 +31,7 @@ from placetune.anatomy import Anatomy
 from placetune.budgets import fit_margins
 from placetune.compare import Comparison, compare, latency_rates
 from placetune.errors import PlacetuneError, read_user_text
+from placetune.escape import one_line
 from placetune.fit import FitUnavailable, fit_params
 from placetune.hardware import Machine, probe_gpus
 from placetune.holdback import held_back
@@ -420,16 +421,17 @@ class ShootoutResult:
         """shootout.md: one table per depth, every figure with its spread, every ratio with its interval."""
         c = self.config
         w = c.workload
-        lines = [f"# placetune shootout: {c.model.name}", "",
-                 f"Machine: {machine_label}. Runner: {c.runner.name}. Serving context: -c {c.serving.ctx} "
+        lines = [f"# placetune shootout: {one_line(c.model.name)}", "",
+                 f"Machine: {one_line(machine_label)}. Runner: {c.runner.name}. Serving context: -c {c.serving.ctx} "
                  f"-np {c.serving.slots}. Workload: pp{w.n_prompt} + tg{w.n_gen}, {w.repetitions} repetitions after "
                  f"{w.warmups} warm-up(s), {c.rounds} interleaved round(s) per depth. Budgets: "
                  f"{', '.join(f'{k}={v / 2**30:.2f} GiB' for k, v in c.budgets.items()) or 'none'}.", ""]
-        lines += [f"- {n}" for n in self.notes] + [""] if self.notes else []
+        lines += [f"- {one_line(n)}" for n in self.notes] + [""] if self.notes else []
         for depth in c.depths:
             ref = self.reference(depth)
             lines += [f"## depth {depth}", "",
-                      f"Ratios are {ref.name if ref else 'the reference'}'s requests per second over each row's, "
+                      f"Ratios are {one_line(ref.name) if ref else 'the reference'}'s requests per second over each "
+                      "row's, "
                       "with the 95% interval (placetune.compare): 'faster' means the reference is faster than that "
                       "row beyond the noise.", "",
                       "| contender | flags | pp t/s | tg t/s | s per request | reference/this |",
@@ -446,7 +448,8 @@ class ShootoutResult:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A table cell: on one line (outside strings such as a --line name or a pattern), with its pipes escaped."""
+    return one_line(text).replace("|", "\\|")
 
 
 def write(result: ShootoutResult, out: Path, machine_label: str) -> dict[str, Path]:

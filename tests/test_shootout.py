@@ -42,11 +42,12 @@ def test_shootout_on_the_rpc_rig(tiny_moe: Path, rpc_server: str, tmp_path: Path
 
 
 def test_shootout_on_cpu_says_placement_barely_matters(tiny_moe: Path, tmp_path: Path) -> None:
-    proc = shootout(str(tiny_moe), "--runner", "llama-server", "--line", "one thread=-t 1 --no-repack",
+    proc = shootout(str(tiny_moe), "--runner", "llama-server", "--line", "one thread\n# | x=-t 1 --no-repack",
                     "--out", str(tmp_path), *SHORT)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     md = (tmp_path / "shootout.md").read_text()
-    assert "placement barely matters" in md and OUT_OF_THE_BOX in md and "one thread" in md
+    assert "placement barely matters" in md and OUT_OF_THE_BOX in md
+    assert "| one thread\\n# \\| x |" in md  # an outside name stays inside its table cell
 
 
 def test_a_stopped_shootout_resumes_from_its_journal(tiny_moe: Path, tmp_path: Path) -> None:
