@@ -36,6 +36,7 @@ from placetune.fit import FitUnavailable, fit_params
 from placetune.hardware import Machine, probe_gpus
 from placetune.holdback import held_back
 from placetune.memory import DEFAULT_MARGIN, check_fit, predict_memory
+from placetune.monotone import first_true
 from placetune.placement import ALL_LAYERS, ExpertRule, Placement, parse_flags, render_flags
 from placetune.runners.base import Measurement, Runner, Stats, Workload
 from placetune.runners.llama_bench import FIT_MARGIN_MIB
@@ -127,15 +128,9 @@ def first_n(c: ShootoutConfig, n: int, position: str) -> Placement:
 def sweep_range(c: ShootoutConfig, position: str) -> list[int]:
     """Expert layers in RAM worth measuring: the fewest that fit (by the memory model) and a few more."""
     layers = moe_layers(c.anatomy)
-    low, high = 0, len(layers)
-    if not fits(c, first_n(c, high, position))[0]:
+    low = first_true(lambda n: fits(c, first_n(c, n, position))[0], 0, len(layers))
+    if low is None:
         return []
-    while low < high:  # more experts in RAM only frees accelerator memory: bisect for the fewest that fit
-        mid = (low + high) // 2
-        if fits(c, first_n(c, mid, position))[0]:
-            high = mid
-        else:
-            low = mid + 1
     return sorted({min(low + k, len(layers)) for k in SWEEP_POINTS})
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from placetune.monotone import first_true, last_true
 from placetune.space import SearchSpace, applies
 
 EXPERTS, LAYERS, SPLIT, START = "cpu_moe_layers", "n_gpu_layers", "split_first", "cpu_moe_start"
@@ -96,16 +97,7 @@ class Frontier:
         def ok(i: int) -> bool:
             return self.fits(self.filled(params, i))
 
-        low, high = 0, len(self.values) - 1
-        if not ok(high):
-            return None
-        while low < high:
-            mid = (low + high) // 2
-            if ok(mid):
-                high = mid
-            else:
-                low = mid + 1
-        return low
+        return first_true(ok, 0, len(self.values) - 1)
 
     def centred(self, params: dict[str, Any]) -> bool:
         """Whether params' expert layers are a block that grows from its centre (on several cards)."""
@@ -167,16 +159,8 @@ class Frontier:
         def ok(i: int) -> bool:
             return self.fits({**params, LAYERS: below[i], EXPERTS: self.values[-1]})
 
-        if not below or not ok(0):
-            return None
-        low, high = 0, len(below) - 1
-        while low < high:  # the largest i that fits: fewer layers, less memory
-            mid = (low + high + 1) // 2
-            if ok(mid):
-                low = mid
-            else:
-                high = mid - 1
-        return {**params, LAYERS: below[low]}
+        i = last_true(ok, 0, len(below) - 1)  # fewer layers, less memory
+        return None if i is None else {**params, LAYERS: below[i]}
 
 
 def filled_defaults(space: SearchSpace, facts: dict[str, int],

@@ -13,10 +13,10 @@ or one -ot rule per card keeping the experts of that card's first k layers, the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from placetune.monotone import last_true
 from placetune.placement import ALL_LAYERS, ExpertRule, Placement, layer_devices, render_flags
 from placetune.space import moe_layers, to_placement
 from placetune.twin.capacity import FIT_MARGIN, OK
@@ -117,20 +117,9 @@ def fit_placement(scenario: Scenario) -> Placement | None:
         if not fits(0):
             return None  # the dense parts alone do not fit where llama.cpp's first step puts them
         rest = n + 1 - sum(whole)
-        whole.append(_most(fits, rest if not later else rest - 1))  # the last card keeps at least the output head
+        high = rest if not later else rest - 1  # the last card keeps at least the output head
+        whole.append(last_true(fits, 0, high) or 0)  # fits(0) holds here
     return layout(whole)
-
-
-def _most(fits: Callable[[int], bool], high: int) -> int:
-    """The largest k in 0..high with fits(k) (fits(0) holds; fits holds up to some k and not beyond)."""
-    low = 0
-    while low < high:
-        mid = (low + high + 1) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return low
 
 
 def baselines(scenario: Scenario) -> list[Baseline]:

@@ -9,25 +9,10 @@ that the memory model says fit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from placetune.monotone import last_true
 from placetune.placement import ALL_LAYERS, ExpertRule, Placement, layer_devices
 from placetune.search.seeds import BASELINE, Seed, SeedContext
 from placetune.space import moe_layers
-
-
-def _largest(fits: Callable[[int], bool], high: int) -> int | None:
-    """The largest k in 0..high with fits(k), for fits that holds up to some k and not beyond."""
-    if not fits(0):
-        return None
-    low = 0
-    while low < high:
-        mid = (low + high + 1) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return low
 
 
 class EvenSplit:
@@ -49,7 +34,7 @@ class EvenSplit:
 
         seeds = []
         # --n-cpu-moe N: the fewest first expert layers in RAM that fit.
-        kept = _largest(lambda k: fits(placement(_first_in_ram(layers, len(layers) - k))), len(layers))
+        kept = last_true(lambda k: fits(placement(_first_in_ram(layers, len(layers) - k))), 0, len(layers))
         if kept is not None:
             n = len(layers) - kept
             seeds.append(Seed(f"even -ts with --n-cpu-moe {n}", placement(_first_in_ram(layers, n)), BASELINE))
@@ -62,7 +47,7 @@ class EvenSplit:
             own = tuple(ExpertRule(layers=tuple(ls[:k]), buft=d) for d, ls in per_device.items() if ls[:k])
             return (*own, ExpertRule(layers=None)) if k < most else own
 
-        k = _largest(lambda k: fits(placement(balanced(k))), most)
+        k = last_true(lambda k: fits(placement(balanced(k))), 0, most)
         if k is not None:
             seeds.append(Seed(f"even -ts, {k} expert layers kept per card (-ot per card)", placement(balanced(k)),
                               BASELINE))

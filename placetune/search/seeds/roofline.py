@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from placetune.monotone import first_true
 from placetune.predict import rank_by_prediction
 from placetune.search.frontier import conditional, default_params
 from placetune.search.seeds import CANDIDATE, Seed, SeedContext
@@ -50,13 +51,4 @@ class Roofline:
         def fits(n: int) -> bool:
             return context.feasibility(c.placement_of(self._params(ngl, n))).fits
 
-        low, high = 0, context.facts["n_moe_layers"]
-        if not fits(high):
-            return None
-        while low < high:
-            mid = (low + high) // 2
-            if fits(mid):
-                high = mid
-            else:
-                low = mid + 1
-        return low
+        return first_true(fits, 0, context.facts["n_moe_layers"])
