@@ -70,8 +70,10 @@ def read_info(study: optuna.Study) -> StudyInfo | None:
 
 def _sampler(c: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
     constraints = _min_pp_constraint if c.min_pp is not None else None
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constraints_func=constraints,
-                                      n_startup_trials=STARTUP_TRIALS)
+    with warnings.catch_warnings():  # multivariate and group TPE are marked experimental; they are what we want
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constraints_func=constraints,
+                                          n_startup_trials=STARTUP_TRIALS)
 
 
 def _min_pp_constraint(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
@@ -85,7 +87,7 @@ def open_storage(c: SearchConfig) -> BaseStorage:
     """
     if c.storage == MEMORY_STORAGE:
         return InMemoryStorage()
-    # multivariate/group TPE, heartbeats and fail_stale_trials are all marked experimental.
+    # heartbeats and fail_stale_trials are marked experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return open_rdb(c.storage, heartbeat_interval=c.heartbeat_s, grace_period=c.grace,
                     heartbeat_stale_trial_callback=retry_trial)
