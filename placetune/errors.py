@@ -1,4 +1,5 @@
-"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+"""The one exception type the CLI turns into a one-line message and a non-zero exit, and the reader of
+files the user names, which turns every way such a file can be wrong into it."""
 
 from pathlib import Path
 
