@@ -151,7 +151,7 @@ def bench(
                                "measurement": m.to_dict()}, indent=2))
     else:
         measurement_table(m, workload, console)
-        devices = [f"RPC{i}" for i in range(len(_rpc_list(rpc)))] if rpc else []
+        devices = [f"RPC{i}" for i in range(len(rpc_servers))]
         # the context each runner gives llama.cpp: llama-bench sizes one per test, the largest being pp's
         n_ctx = depth + prompt_tokens if runner == "llama-bench" else max(placement.ctx or 0, depth + prompt_tokens + gen_tokens)
         need = predict_memory(anatomy, placement, devices, n_ctx)

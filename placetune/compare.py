@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from placetune.runners.base import Stats
+
 FASTER, SLOWER, SAME = "faster", "slower", "not distinguishable"
 CONFIDENCE = 0.95
 NOISY_SPREAD = 0.05  # relative spread above which a measurement is flagged (see the notes on measuring)
@@ -96,25 +98,29 @@ def clearly_worse(value: float, reference: Sequence[float], margin: float) -> bo
 
 
 def relative_spread(samples: Sequence[float]) -> float:
-    """Standard deviation over median of the samples (0 with fewer than two)."""
-    if len(samples) < 2:
-        return 0.0
-    median = float(np.median(samples))
-    return float(np.std(samples, ddof=1)) / median if median else 0.0
+    """Standard deviation over median of the samples (0 with fewer than two): a runner's Stats.spread."""
+    return Stats(tuple(samples), 0).spread
+
+
+def request_seconds(pp: float, tg: float, n_prompt: int, n_gen: int) -> float:
+    """Seconds one request of the workload takes at these rates: n_prompt/pp + n_gen/tg (inf for a rate of 0)."""
+    seconds = 0.0
+    if n_prompt:
+        seconds += n_prompt / pp if pp > 0 else math.inf
+    if n_gen:
+        seconds += n_gen / tg if tg > 0 else math.inf
+    return seconds
 
 
 def latency_rates(pp: Sequence[float], tg: Sequence[float], n_prompt: int, n_gen: int) -> list[float]:
-    """Requests per second of the workload, one per repetition: 1 / (n_prompt/pp + n_gen/tg).
+    """Requests per second of the workload, one per repetition: 1 / request_seconds.
 
-    A runner measures prompt and generation once per repetition, so the i-th pp and tg samples pair up.
+    A runner measures prompt and generation once per repetition, so the i-th pp and tg samples pair up;
+    a missing sample counts as a rate of 0.
     """
     n = max(len(pp) if n_prompt else 0, len(tg) if n_gen else 0)
     out = []
     for i in range(n):
-        seconds = 0.0
-        if n_prompt:
-            seconds += n_prompt / pp[i] if i < len(pp) and pp[i] > 0 else math.inf
-        if n_gen:
-            seconds += n_gen / tg[i] if i < len(tg) and tg[i] > 0 else math.inf
+        seconds = request_seconds(pp[i] if i < len(pp) else 0.0, tg[i] if i < len(tg) else 0.0, n_prompt, n_gen)
         out.append(1 / seconds if seconds > 0 else math.inf)
     return out

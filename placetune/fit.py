@@ -19,11 +19,10 @@ from placetune.runners.binaries import find_binary, run_to_end
 
 @dataclass(frozen=True)
 class FitAnswer:
-    """What llama-fit-params printed, as a Placement, with the line itself and the command that asked."""
+    """What llama-fit-params printed, as a Placement, with the line itself."""
 
     placement: Placement
     line: str
-    command: tuple[str, ...]
 
 
 class FitUnavailable(Exception):
@@ -53,4 +52,4 @@ def fit_params(model: Path, margins: Sequence[int], n_ctx: int, slots: int = 1, 
         placement = parse_flags(lines[-1], rpc=rpc)
     except PlacetuneError as exc:
         raise FitUnavailable(f"llama-fit-params answered {lines[-1]!r}, which placetune cannot read: {exc}") from None
-    return FitAnswer(placement, lines[-1], tuple(command))
+    return FitAnswer(placement, lines[-1])

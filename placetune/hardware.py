@@ -72,7 +72,9 @@ class Machine:
 
     @property
     def accelerators(self) -> list[LlamaDevice]:
-        return [d for d in self.llama_devices if d.is_accelerator]
+        """The accelerators in the order llama.cpp fills them: RPC servers first (it puts them at the front of a
+        model's device list), then the local ones as listed."""
+        return sorted((d for d in self.llama_devices if d.is_accelerator), key=lambda d: not d.name.startswith("RPC"))
 
     def fingerprint(self) -> str:
         """Short stable hash of the hardware and the llama.cpp build (no hostname, no free memory)."""

@@ -768,6 +768,16 @@ def _index(anatomy: Anatomy) -> _TensorIndex:
     return index
 
 
+def _moved(index: _TensorIndex, overrides: Sequence[Override]) -> dict[int, str]:
+    """Tensor index -> the device an override puts it on; the first rule naming a tensor wins, as in llama.cpp."""
+    out: dict[int, str] = {}
+    for o in overrides:
+        there = device_of(o.buft)
+        for i in index.matching(o):
+            out.setdefault(i, there)
+    return out
+
+
 def bytes_per_buffer(anatomy: Anatomy, placement: Placement, devices: Sequence[str] = (),
                      as_allocated: bool = False) -> dict[str, int]:
     """Weight bytes each buffer type holds under this placement (devices: accelerators, e.g. CUDA0, RPC0).
@@ -792,14 +802,12 @@ def bytes_per_buffer(anatomy: Anatomy, placement: Placement, devices: Sequence[s
     slot_dev = [*layer_dev, "CPU"]  # slot -1 (the input layer) is the last entry
     for slot, device in enumerate(slot_dev):
         out[device] = out.get(device, 0) + index.slot_totals[kind_of(device)][slot]
-    taken: set[int] = set()
-    for o in placement.overrides:
-        for i in index.matching(o) - taken:
-            home, there = slot_dev[index.slots[i]], device_of(o.buft)
-            out[home] -= sizes_on(home)[i]
-            out[there] = out.get(there, 0) + sizes_on(there)[i]
-        taken |= index.matching(o)
-    if as_allocated and index.tied_head is not None and index.tied_head not in taken and layer_dev[-1] != "CPU":
+    moved = _moved(index, placement.overrides)
+    for i, there in moved.items():
+        home = slot_dev[index.slots[i]]
+        out[home] -= sizes_on(home)[i]
+        out[there] = out.get(there, 0) + sizes_on(there)[i]
+    if as_allocated and index.tied_head is not None and index.tied_head not in moved and layer_dev[-1] != "CPU":
         head = layer_dev[-1]
         out[head] = out.get(head, 0) + sizes_on(head)[index.tied_head]
     return {dev: n for dev, n in out.items() if n}
@@ -815,17 +823,14 @@ def matmul_bytes_per_layer(anatomy: Anatomy, placement: Placement, devices: Sequ
     totals = index.slot_totals["matmul"]
     out = {slot if slot <= index.n_layers else -1: totals[slot]
            for slot, dev in enumerate(slot_dev) if dev == device and totals[slot]}
-    taken: set[int] = set()
-    for o in placement.overrides:
-        for i in index.matching(o) - taken:
-            if not index.matmul[i]:
-                continue
-            slot = index.slots[i]
-            key = -1 if slot < 0 else slot
-            home, there = slot_dev[slot], device_of(o.buft)
-            if home == device and there != device:
-                out[key] -= index.raw[i]
-            elif home != device and there == device:
-                out[key] = out.get(key, 0) + index.raw[i]
-        taken |= index.matching(o)
+    for i, there in _moved(index, placement.overrides).items():
+        if not index.matmul[i]:
+            continue
+        slot = index.slots[i]
+        key = -1 if slot < 0 else slot
+        home = slot_dev[slot]
+        if home == device and there != device:
+            out[key] -= index.raw[i]
+        elif home != device and there == device:
+            out[key] = out.get(key, 0) + index.raw[i]
     return {k: v for k, v in out.items() if v}

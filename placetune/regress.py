@@ -40,7 +40,8 @@ from placetune.placement import Placement, parse_flags, render_flags
 from placetune.records import one_line_error
 from placetune.results import load_best
 from placetune.runners.base import Measurement, Runner, Stats, Workload
-from placetune.storage import engine_options, first_line, mask_url
+from placetune.runners.binaries import build_label
+from placetune.storage import engine_options, first_line, mask_url, sqlite_file
 
 METRICS = ("pp", "tg")
 BASELINES = ("recent", "pinned")
@@ -246,11 +247,11 @@ def history_url(text: str) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
     try:
-        url = make_url(text)
+        make_url(text)
     except ArgumentError:
         raise PlacetuneError(f"--history {mask_url(text)!r} is neither a file path nor a database URL") from None
-    if url.drivername.startswith("sqlite") and url.database and url.database != ":memory:":
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if (database := sqlite_file(text)) is not None:
+        database.expanduser().parent.mkdir(parents=True, exist_ok=True)
     return text
 
 
@@ -333,11 +334,6 @@ def _from_db(rec: Any) -> Row:
 
 # ---------------------------------------------------------------------------------------------
 # Builds
-
-
-def build_label(build: dict[str, Any]) -> str:
-    """A short name for the llama.cpp build a measurement ran on: the runner's build id (see binaries.py)."""
-    return str(build.get("id") or build.get("version") or "unknown build")
 
 
 # ---------------------------------------------------------------------------------------------

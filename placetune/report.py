@@ -318,7 +318,7 @@ def predicted_frame(inputs: ReportInputs, trials: pd.DataFrame, ram_gbs: float |
     if not machine_doc:
         return None, ["the results do not record the machine; no prediction"]
     machine = Machine.from_dict(machine_doc)
-    devices = sorted((d.name for d in machine.accelerators), key=lambda n: not n.startswith("RPC"))
+    devices = [d.name for d in machine.accelerators]
     bandwidths = _trial_bandwidths(inputs, machine, devices, ram_gbs, overrides, notes)
     placements = {t.number: t.user_attrs.get("placement") for t in inputs.study.get_trials(deepcopy=False)}
     rows = []

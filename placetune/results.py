@@ -124,9 +124,6 @@ class BestPlan:
     def model_path(self) -> str:
         return self.record.model.path
 
-    def server_command(self) -> list[str]:
-        return list(self.record.server_command)
-
 
 def best_script(record: BestRecord) -> str:
     """best.sh: the server line, with every outside string in its comments escaped (a file name may hold a

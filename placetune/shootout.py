@@ -92,7 +92,7 @@ class ShootoutConfig:
 
     @property
     def devices(self) -> list[str]:
-        return sorted((d.name for d in self.machine.accelerators), key=lambda n: not n.startswith("RPC"))
+        return [d.name for d in self.machine.accelerators]
 
     def at_depth(self, depth: int) -> Workload:
         return replace(self.workload, depth=depth)
@@ -143,7 +143,7 @@ def fit_params_margins(c: ShootoutConfig, held: set[str]) -> list[int]:
     """llama-fit-params' -fitt margins (MiB), in llama.cpp's device order. A held-back card already is the
     budget's size, so it gets llama.cpp's own default margin, as --fit does; elsewhere the budget becomes the
     margin (free memory minus the budget)."""
-    free = sorted(((d.name, d.free_bytes) for d in c.machine.accelerators), key=lambda d: not d[0].startswith("RPC"))
+    free = [(d.name, d.free_bytes) for d in c.machine.accelerators]
     budgets = {dev: size for dev, size in c.budgets.items() if dev not in held}
     margins = fit_margins(free, budgets, DEFAULT_MARGIN)
     return [FIT_MARGIN_MIB if name in held else margin for (name, _), margin in zip(free, margins, strict=True)]

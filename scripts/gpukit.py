@@ -385,7 +385,7 @@ def verdict(summary: dict[str, Any], search_note: str) -> list[str]:
             "Every sample is in the raw jsonl beside this file (one line per measurement, with the command that "
             "ran it); the search's final round is in best.json in the kit's saved state. It is the search that "
             "must get better: see which of pp or tg it gave away above."]
-    return [x for x in out if x is not None]
+    return out
 
 
 def report(runs: Path, out: Path, pack_dir: Path, kit_command: str) -> Path:

@@ -78,6 +78,12 @@ def files_digest(files: Sequence[Path]) -> str:
     return h.hexdigest()[:10]
 
 
+def build_label(build: dict[str, Any]) -> str:
+    """A short name for the llama.cpp build a measurement ran on: the runner's build id (binary_build's, or the
+    embedded runner's)."""
+    return str(build.get("id") or build.get("version") or "unknown build")
+
+
 def binary_build(path: str | Path) -> dict[str, Any]:
     """Version, build number, commit, compiler and backends of a llama.cpp binary (cached per file)."""
     p = Path(path).resolve()

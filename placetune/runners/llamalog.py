@@ -19,7 +19,6 @@ _BUFFER_SIZE = re.compile(r"^\S+:\s+(\S+)\s+(model|KV|compute|output|RS)\s+buffe
 _COMPUTE_FINE = re.compile(r"^~llama_context:\s+(\S+) compute buffer size (?:is|of)\s+([\d.]+) MiB", re.M)
 _MODEL_START = "load_tensors: loading model tensors"
 _CONTEXT_START = "llama_context: constructing llama_context"
-KINDS = ("model", "KV", "compute", "output", "RS")
 
 
 def overridden_tensors(log: str, rpc: Sequence[str] = ()) -> dict[str, str]:
@@ -42,8 +41,7 @@ def buffer_sizes(log: str, peak: bool = False, rpc: Sequence[str] = ()) -> dict[
     out: dict[str, dict[str, int]] = {}
     for buft, kind, mib in _BUFFER_SIZE.findall(model_log):
         if kind == "model":
-            sizes = out.setdefault(kind, {})
-            sizes[device_of(buft, rpc)] = sizes.get(device_of(buft, rpc), 0) + round(float(mib) * 1024 * 1024)
+            _add(out.setdefault(kind, {}), device_of(buft, rpc), mib)
     contexts = log.split(_CONTEXT_START)[1:] or [log]
     for context in contexts if peak else contexts[-1:]:
         for kind, sizes in _context_sizes(context, rpc).items():
@@ -56,15 +54,19 @@ def _context_sizes(context_log: str, rpc: Sequence[str]) -> dict[str, dict[str, 
     out: dict[str, dict[str, int]] = {}
     for buft, kind, mib in _BUFFER_SIZE.findall(context_log):
         if kind != "model":
-            sizes = out.setdefault(kind, {})
-            sizes[device_of(buft, rpc)] = sizes.get(device_of(buft, rpc), 0) + round(float(mib) * 1024 * 1024)
+            _add(out.setdefault(kind, {}), device_of(buft, rpc), mib)
     fine: dict[str, int] = {}
     for buft, mib in _COMPUTE_FINE.findall(context_log):
         if float(mib) > 0:  # llama.cpp prints a line for every backend, also the ones that compute nothing
-            fine[device_of(buft, rpc)] = fine.get(device_of(buft, rpc), 0) + round(float(mib) * 1024 * 1024)
+            _add(fine, device_of(buft, rpc), mib)
     if fine:
         out["compute"] = {**out.get("compute", {}), **fine}
     return out
+
+
+def _add(sizes: dict[str, int], device: str, mib: str) -> None:
+    """One buffer size line's MiB added to its device: a device's lines of one kind are summed."""
+    sizes[device] = sizes.get(device, 0) + round(float(mib) * 1024 * 1024)
 
 
 def expected_overrides(anatomy: Anatomy, placement: Placement) -> tuple[dict[str, str], list[str]]:

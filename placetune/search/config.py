@@ -112,8 +112,7 @@ class SearchConfig:
     @property
     def devices(self) -> list[str]:
         """Accelerators llama.cpp will fill, in its order (RPC servers first)."""
-        names = [d.name for d in self.machine.accelerators]
-        return sorted(names, key=lambda n: not n.startswith("RPC"))
+        return [d.name for d in self.machine.accelerators]
 
     @property
     def n_ctx(self) -> int:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-from placetune.compare import latency_rates
+from placetune.compare import latency_rates, request_seconds
 from placetune.errors import PlacetuneError
 from placetune.runners.base import Workload
 
@@ -24,12 +23,7 @@ def objective_value(objective: str, pp: float, tg: float, workload: Workload) ->
         return tg
     if objective == "pp":
         return pp
-    seconds = 0.0
-    if workload.n_prompt:
-        seconds += workload.n_prompt / pp if pp > 0 else math.inf
-    if workload.n_gen:
-        seconds += workload.n_gen / tg if tg > 0 else math.inf
-    return seconds
+    return request_seconds(pp, tg, workload.n_prompt, workload.n_gen)
 
 
 def directions(objective: str) -> list[str]:
@@ -49,9 +43,3 @@ def speed_samples(objective: str, pp: Sequence[float], tg: Sequence[float], work
         return list(pp)
     return latency_rates(pp, tg, workload.n_prompt, workload.n_gen)
 
-
-def speed_label(objective: str, workload: Workload) -> str:
-    """What speed_samples measures, for tables."""
-    if objective in ("tg", "pp"):
-        return f"{objective} t/s"
-    return f"requests/s (p{workload.n_prompt} + g{workload.n_gen})"

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from placetune.errors import PlacetuneError
 from placetune.records import one_line_error
+from placetune.runners.binaries import build_label
 from placetune.search.config import SearchConfig
 from placetune.search.objective import directions
 from placetune.search.workers import retry_trial
@@ -139,7 +140,7 @@ def check_resume(name: str, have: StudyInfo, want: StudyInfo, allow_mixed: bool)
         if not allow_mixed:
             raise PlacetuneError(
                 f"study {name!r} was measured on machine {have.fingerprint}, this is {want.fingerprint} "
-                f"(different {what}: build {_build_label(have.build)} vs {_build_label(want.build)}); "
+                f"(different {what}: build {build_label(have.build)} vs {build_label(want.build)}); "
                 f"{other}, or pass --allow-mixed-hardware to mix them on purpose")
         notes.append(f"mixing hardware (--allow-mixed-hardware): study {name!r} was measured on machine "
                      f"{have.fingerprint}, this worker is {want.fingerprint}; each trial records its own")
@@ -154,6 +155,3 @@ def check_resume(name: str, have: StudyInfo, want: StudyInfo, allow_mixed: bool)
                              f"resume with the same --space and --set {other}")
     return notes
 
-
-def _build_label(build: dict[str, Any]) -> str:
-    return str(build.get("id") or build.get("llama_cpp_python") or build.get("version") or "?")

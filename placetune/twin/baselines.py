@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from placetune.monotone import last_true
+from placetune.memory import DEFAULT_BATCH, DEFAULT_UBATCH
+from placetune.monotone import first_true, last_true
 from placetune.placement import ALL_LAYERS, ExpertRule, Placement, layer_devices, render_flags
 from placetune.space import moe_layers, to_placement
 from placetune.twin.capacity import FIT_MARGIN, OK
@@ -42,7 +43,7 @@ class Baseline:
 def llama_defaults(scenario: Scenario) -> dict[str, Any]:
     """llama.cpp's knobs when a user sets none, with every layer on the GPU."""
     n = model_shape(scenario.model).n_layers
-    return {"n_gpu_layers": n + 1, "cpu_moe_layers": 0, "ubatch": 512, "batch": 2048,
+    return {"n_gpu_layers": n + 1, "cpu_moe_layers": 0, "ubatch": DEFAULT_UBATCH, "batch": DEFAULT_BATCH,
             "threads": scenario.machine.cores, "flash_attn": "auto", "load_mode": "auto", "no_op_offload": False}
 
 
@@ -73,11 +74,13 @@ def fit_params(scenario: Scenario) -> dict[str, Any] | None:
     """--fit's answer on one card as search parameters: the fewest last layers' experts in RAM that leave 1 GiB."""
     anatomy = model_shape(scenario.model).anatomy
     defaults = llama_defaults(scenario)
-    for n in range(len(moe_layers(anatomy)) + 1):
-        params = {**defaults, **_experts(n, "last")}
-        if fits_with_margin(scenario, to_placement(params, anatomy)):
-            return params
-    return None
+
+    def params(n: int) -> dict[str, Any]:
+        return {**defaults, **_experts(n, "last")}
+
+    n = first_true(lambda n: fits_with_margin(scenario, to_placement(params(n), anatomy)), 0,
+                   len(moe_layers(anatomy)))
+    return None if n is None else params(n)
 
 
 def fit_placement(scenario: Scenario) -> Placement | None:

@@ -52,7 +52,6 @@ class HiddenError:
         return cls(round(rng.uniform(0.8, 1.8), 3), int(rng.uniform(200, 800)) * MIB)
 
 
-NO_ERROR = HiddenError(1.0, 0)
 
 
 def true_device_bytes(need: Mapping[str, DeviceNeed], error: HiddenError,

@@ -88,7 +88,7 @@ def _twin_fit(scenario: Scenario) -> FitAnswer | None:
     placement = fit_placement(scenario)
     if placement is None:
         return None
-    return FitAnswer(placement, f"twin --fit: {render_flags(placement)}", ())
+    return FitAnswer(placement, f"twin --fit: {render_flags(placement)}")
 
 
 def space_for(anatomy: Anatomy, devices: Sequence[str]) -> SearchSpace:
@@ -139,7 +139,7 @@ def run_search(scenario: Scenario, seed: int, n_trials: int, strategy: str = "st
     decision = search.final_measure()
     winner = decision.winner.placement.to_dict() if decision else None
     baselines = [c.placement.to_dict() for c in search.final_field if c.is_baseline and c.ok]
-    return SearchRun(records, winner, runner.clock_s, sum(e.load_s for e in runner.events), notes, baselines,
+    return SearchRun(records, winner, runner.clock_s, runner.load_s, notes, baselines,
                      bool(decision and decision.beat_baseline))
 
 

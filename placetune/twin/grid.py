@@ -61,6 +61,7 @@ FLASH = (True, False)  # on ("auto" on CUDA), off
 PINNED = (False, True)  # load_mode auto, none
 OP_OFFLOAD = (True, False)  # no_op_offload false, true
 KINDS = ("all", "gate_up", "down")
+KIND_MASK = np.array([[float(part in KIND_PARTS[kind]) for part in range(4)] for kind in KINDS])  # (kind, 4 parts)
 SPLITS = tuple(range(1, 10))  # split_first: tenths of the offloaded layers on the first card
 DESTINATIONS = ("CPU", "next")  # experts_to
 
@@ -171,10 +172,6 @@ def evaluate(shape: ModelShape, machine: TwinMachine, workload: Workload, n_ctx:
     moe = shape.moe_layers
     sets = ExpertSets.of(len(moe), len(DESTINATIONS) if multi else 1)
     splits = SPLITS if multi else ()
-    parts = np.zeros((len(KINDS), 4))
-    for k, kind in enumerate(KINDS):
-        parts[k, list(KIND_PARTS[kind])] = 1.0
-    param_parts = parts[:, :2]  # gate_up and down weights (biases are no matrix)
     to_cpu = sets.dest == 0
 
     # per layer, then prefix sums: over layer ids (each device holds a slice) and over MoE index (sets are blocks)
@@ -213,8 +210,8 @@ def evaluate(shape: ModelShape, machine: TwinMachine, workload: Workload, n_ctx:
                 pa = np.maximum(a, k_lo)
                 pb = np.maximum(np.minimum(b, k_hi), pa)
                 per_device.append((lo, hi, pa, pb))
-            features = _features(shape, per_device, sets, to_cpu, parts, param_parts, per_set_bytes, per_set_params,
-                                 by_layer, cpu_layer, cpu_layers, a, moved_cpu, total_read)
+            features = _features(shape, per_device, sets, to_cpu, per_set_bytes, per_set_params, by_layer, cpu_layer,
+                                 cpu_layers, a, moved_cpu, total_read)
             times = token_times(features, knobs, workload, shape, machine)
             pp_s = np.broadcast_to(times.pp_seconds(scale), (len(sets), *knobs_shape()))
             tg_s = np.broadcast_to(times.tg_seconds(scale), (len(sets), *knobs_shape()))
@@ -232,17 +229,18 @@ def evaluate(shape: ModelShape, machine: TwinMachine, workload: Workload, n_ctx:
 
 
 def _features(shape: ModelShape, per_device: list[tuple[int, int, np.ndarray, np.ndarray]], sets: ExpertSets,
-              to_cpu: np.ndarray, parts: np.ndarray, param_parts: np.ndarray, per_set_bytes: np.ndarray,
-              per_set_params: np.ndarray, by_layer: np.ndarray, cpu_layer: np.ndarray, cpu_layers: int,
-              a: np.ndarray, moved_cpu: np.ndarray, total_read: float) -> Features:
+              to_cpu: np.ndarray, per_set_bytes: np.ndarray, per_set_params: np.ndarray, by_layer: np.ndarray,
+              cpu_layer: np.ndarray, cpu_layers: int, a: np.ndarray, moved_cpu: np.ndarray,
+              total_read: float) -> Features:
     """The model's Features for every expert set at one -ngl and split (columns that broadcast on the knob axes)."""
     n = shape.n_layers
     af = shape.active_fraction
     moe = shape.moe_layers
     count = len(per_device)
-    moved_bytes = [((per_set_bytes[pb] - per_set_bytes[pa]) * parts[sets.kind]).sum(axis=1)
+    moved_bytes = [((per_set_bytes[pb] - per_set_bytes[pa]) * KIND_MASK[sets.kind]).sum(axis=1)
                    for _, _, pa, pb in per_device]
-    moved_params = [((per_set_params[pb] - per_set_params[pa]) * param_parts[sets.kind]).sum(axis=1)
+    # gate_up and down weights only: biases are no matrix
+    moved_params = [((per_set_params[pb] - per_set_params[pa]) * KIND_MASK[sets.kind, :2]).sum(axis=1)
                     for _, _, pa, pb in per_device]
     gpu_read, gpu_params, gpu_full, gpu_windowed = [], [], [], []
     for j, (lo, hi, _, _) in enumerate(per_device):
@@ -298,7 +296,6 @@ class _Memory:
     moved_cuda: np.ndarray  # (n_moe + 1, 4) prefix sums over MoE index of the expert parts' CUDA-allocated bytes
     moved_host: np.ndarray  # (n_moe + 1, 4) ... host-allocated bytes
     largest: np.ndarray  # (kind, a, b): the largest matmul bytes one MoE layer in [a, b) moves for that kind
-    parts: np.ndarray  # (kind, 4): which expert parts a kind moves
 
     @classmethod
     def of(cls, shape: ModelShape, n_ctx: int, devices: tuple[str, ...], splits: tuple[int, ...]) -> _Memory:
@@ -313,10 +310,7 @@ class _Memory:
                 cuda[i, part] += allocated_bytes(t, GPU)  # every CUDA buffer pads and aligns alike
                 host[i, part] += allocated_bytes(t, "CPU")
                 matmul[i, part] += t.n_bytes if len(t.shape) >= 2 else 0
-        parts = np.zeros((len(KINDS), 4))
-        for k, kind in enumerate(KINDS):
-            parts[k, list(KIND_PARTS[kind])] = 1.0
-        per_kind = matmul @ parts.T  # (n_moe, kind)
+        per_kind = matmul @ KIND_MASK.T  # (n_moe, kind)
         largest = np.zeros((len(KINDS), len(moe) + 1, len(moe) + 1))
         for a in range(len(moe)):
             largest[:, a, a + 1:] = np.maximum.accumulate(per_kind[a:], axis=0).T
@@ -343,7 +337,7 @@ class _Memory:
                             offloading = placetune_need(anatomy, replace(plain, no_op_offload=False), n_ctx, devices)
                             with_copies = offloading[GPU].compute if GPU in offloading else 0
                             copies[ngl] = with_copies - compute[ngl, s, 0, u, f]
-        return cls(fixed, compute, copies, cpu_total, _prefix(cuda), _prefix(host), largest, parts)
+        return cls(fixed, compute, copies, cpu_total, _prefix(cuda), _prefix(host), largest)
 
     def at(self, ngl: int, s: int, per_device: list[tuple[int, int, np.ndarray, np.ndarray]], a: np.ndarray,
            b: np.ndarray, sets: ExpertSets, error: HiddenError) -> tuple[list[np.ndarray], np.ndarray]:
@@ -353,9 +347,9 @@ class _Memory:
         kind = sets.kind
         to_cpu = sets.dest == 0
         count = len(per_device)
-        out_cuda = [((self.moved_cuda[pb] - self.moved_cuda[pa]) * self.parts[kind]).sum(axis=1)
+        out_cuda = [((self.moved_cuda[pb] - self.moved_cuda[pa]) * KIND_MASK[kind]).sum(axis=1)
                     for _, _, pa, pb in per_device]
-        host = sum(np.where(to_cpu, ((self.moved_host[pb] - self.moved_host[pa]) * self.parts[kind]).sum(axis=1), 0.0)
+        host = sum(np.where(to_cpu, ((self.moved_host[pb] - self.moved_host[pa]) * KIND_MASK[kind]).sum(axis=1), 0.0)
                    for _, _, pa, pb in per_device)
         copies = np.where(to_cpu, np.maximum(self.largest[kind, a, b], self.copies[ngl]), self.copies[ngl])
         op = np.array(OP_OFFLOAD, dtype=float)[None, None, None, None, :]

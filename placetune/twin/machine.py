@@ -188,8 +188,3 @@ MACHINES: dict[str, TwinMachine] = {
     ),
 }
 
-
-def get_machine(name: str) -> TwinMachine:
-    if name not in MACHINES:
-        raise PlacetuneError(f"unknown twin machine {name!r}; known: {', '.join(sorted(MACHINES))}")
-    return MACHINES[name]

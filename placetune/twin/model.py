@@ -33,7 +33,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from placetune.anatomy import Group
-from placetune.memory import OP_OFFLOAD_MIN_BATCH, op_offload_min_batch
+from placetune.memory import DEFAULT_BATCH, DEFAULT_UBATCH, OP_OFFLOAD_MIN_BATCH, op_offload_min_batch
 from placetune.placement import Placement, layer_devices, tensor_buffer
 from placetune.predict import device_of, read_bytes_by_device
 from placetune.runners.base import Workload
@@ -41,7 +41,6 @@ from placetune.twin.capacity import DEVICES, SPILL
 from placetune.twin.machine import GB, TwinMachine
 from placetune.twin.shape import ModelShape
 
-DEFAULT_UBATCH, DEFAULT_BATCH = 512, 2048  # llama.cpp's defaults (common/common.h)
 UB_HALF = 96  # ubatch at which GPU matmul kernels reach half their large-batch efficiency
 UB_DECLINE = 0.05  # efficiency lost per doubling of ubatch above 1024: "a larger ub can be slower" on the GPU
 FA_OFF_ATTENTION = 1.6  # attention time without flash attention (shared notes: FA is +2 to +29% on CUDA)

@@ -12,7 +12,6 @@ placement stays the same.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +35,6 @@ OUTLIER_SLOWDOWN = (0.55, 0.85)
 MODEL_KEYS = ("n_gpu_layers", "overrides", "load_mode", "repack", "tensor_split", "split_mode", "env")
 
 
-@dataclass(frozen=True)
-class TwinEvent:
-    """One measurement as the twin's clock saw it."""
-
-    flags: str
-    status: str
-    load_s: float
-    wall_s: float
-    clock_s: float  # simulated seconds since the runner started, after this measurement
-
-
 class TwinRunner:
     """Runner protocol (placetune.runners.base.Runner) on a scenario's simulated machine."""
 
@@ -56,8 +44,8 @@ class TwinRunner:
         self.scenario = scenario
         self.reuse = reuse
         self.rng = np.random.default_rng(seed)
-        self.clock_s = 0.0
-        self.events: list[TwinEvent] = []
+        self.clock_s = 0.0  # simulated seconds since the runner started
+        self.load_s = 0.0  # of which loading models
         self._loaded: tuple[object, ...] | None = None
         self._offset = 1.0  # this load's speed offset: two loads of one placement differ a little
         self._file_cached = False  # the first load reads the file from disk, later ones from the page cache
@@ -76,7 +64,7 @@ class TwinRunner:
             m.status = OOM
             m.reason = self._oom_reason(truth.device_bytes, truth.need["CPU"].total)
             m.load_s = load_s / 2  # the allocation fails part-way through loading
-            return self._finish(m, placement, m.load_s + PROCESS_S)
+            return self._finish(m, m.load_s + PROCESS_S)
         if reload:
             self._loaded = key
             self._offset = float(np.exp(self.rng.normal(0.0, machine.load_sigma)))
@@ -90,20 +78,20 @@ class TwinRunner:
         if timed + untimed > workload.timeout_s:
             self._loaded = None
             m.status, m.reason = TIMEOUT, "llama.cpp did not finish within the timeout and was killed"
-            return self._finish(m, placement, load_s + workload.timeout_s + PROCESS_S)
+            return self._finish(m, load_s + workload.timeout_s + PROCESS_S)
         m.pp = Stats(tuple(pp), workload.n_prompt)
         m.tg = Stats(tuple(tg), workload.n_gen)
         m.measure_s = timed
         started = load_s + PROCESS_S if reload else CONTEXT_S  # a kept model only needs a new context
-        return self._finish(m, placement, started + timed + untimed)
+        return self._finish(m, started + timed + untimed)
 
     def close(self) -> None:
         self._loaded = None
 
-    def _finish(self, m: Measurement, placement: Placement, wall_s: float) -> Measurement:
+    def _finish(self, m: Measurement, wall_s: float) -> Measurement:
         m.wall_s = wall_s
         self.clock_s += wall_s
-        self.events.append(TwinEvent(render_flags(placement), m.status, m.load_s or 0.0, wall_s, self.clock_s))
+        self.load_s += m.load_s or 0.0
         return m
 
     def _oom_reason(self, device_bytes: Mapping[str, int], cpu_bytes: int) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from placetune.errors import PlacetuneError
 from placetune.runners.base import Workload
 from placetune.twin.capacity import HiddenError
 from placetune.twin.machine import MACHINES, TwinMachine
@@ -63,8 +62,3 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "94 layers and 8-channel RAM: the largest space"),
 )}
 
-
-def get_scenario(name: str) -> Scenario:
-    if name not in SCENARIOS:
-        raise PlacetuneError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
-    return SCENARIOS[name]

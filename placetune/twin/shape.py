@@ -84,10 +84,8 @@ class ModelShape:
     expert_params: np.ndarray  # (n_layers, 2): matrix elements of gate_up and down expert weights
     full_attention: np.ndarray  # bool per layer
     moe_layers: np.ndarray  # layer ids that hold routed experts, ascending
-    output_bytes: int  # output head and its norm: on the GPU whenever -ngl >= 1
-    output_read: float  # bytes one generated token reads on the output device (a tied head counts again)
-    host_bytes: int  # other tensors without a layer (token embeddings): always in system RAM
-    host_read: float  # bytes one generated token reads of those (one embedding row)
+    output_read: float  # bytes one generated token reads of the output head and its norm (a tied head counts again)
+    host_read: float  # bytes one generated token reads of the other tensors without a layer (one embedding row)
 
     @property
     def n_layers(self) -> int:
@@ -117,36 +115,27 @@ def model_shape(model: TwinModel) -> ModelShape:
     expert_bytes = np.zeros((n, 4))
     common_params = np.zeros(n)
     expert_params = np.zeros((n, 2))
-    output_bytes = host_bytes = 0
-    host_read = 0.0
-    names = {t.name for t in anatomy.tensors}
+    output_read = host_read = 0.0
+    for t, read in anatomy.reads_per_token():  # the output head on the GPU whenever -ngl >= 1, the rest in RAM
+        if t.layer is None:
+            if t.name.startswith("output"):
+                output_read += read
+            else:
+                host_read += read
     for t in anatomy.tensors:
         elements = float(np.prod(t.shape)) if len(t.shape) >= 2 and not t.is_bias else 0.0
         if t.layer is None:
-            if t.name.startswith("output"):
-                output_bytes += t.n_bytes
-            else:
-                host_bytes += t.n_bytes
-                # predict.read_bytes_by_device: lookup tables read one row per token
-                lookup = t.name.removesuffix(".weight") in _LOOKUP_TABLES and len(t.shape) >= 2
-                host_read += t.n_bytes / t.shape[-1] if lookup else t.n_bytes
-        elif t.group is Group.EXPERT:
+            continue
+        if t.group is Group.EXPERT:
             expert_bytes[t.layer, expert_part(t)] += t.n_bytes
             expert_params[t.layer, expert_part(t) % 2] += elements
         else:
             common_bytes[t.layer] += t.n_bytes
             common_params[t.layer] += elements
-    output_read = float(output_bytes)
-    if "output.weight" not in names and "token_embd.weight" in names:  # a tied head is read again on its device
-        output_read += next(t.n_bytes for t in anatomy.tensors if t.name == "token_embd.weight")
     layers = np.arange(n)
     return ModelShape(
         model=model, anatomy=anatomy, common_bytes=common_bytes, expert_bytes=expert_bytes,
         common_params=common_params, expert_params=expert_params,
         full_attention=(layers % model.full_every) == model.full_offset,
-        moe_layers=np.array(moe_layers(anatomy), dtype=int), output_bytes=output_bytes, output_read=output_read,
-        host_bytes=host_bytes, host_read=host_read,
+        moe_layers=np.array(moe_layers(anatomy), dtype=int), output_read=output_read, host_read=host_read,
     )
-
-
-_LOOKUP_TABLES = ("token_embd", "per_layer_token_embd", "position_embd", "token_types")

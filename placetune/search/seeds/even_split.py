@@ -9,7 +9,7 @@ that the memory model says fit.
 
 from __future__ import annotations
 
-from placetune.monotone import last_true
+from placetune.monotone import first_true, last_true
 from placetune.placement import ALL_LAYERS, ExpertRule, Placement, layer_devices
 from placetune.search.seeds import BASELINE, Seed, SeedContext
 from placetune.space import moe_layers
@@ -34,9 +34,8 @@ class EvenSplit:
 
         seeds = []
         # --n-cpu-moe N: the fewest first expert layers in RAM that fit.
-        kept = last_true(lambda k: fits(placement(_first_in_ram(layers, len(layers) - k))), 0, len(layers))
-        if kept is not None:
-            n = len(layers) - kept
+        n = first_true(lambda n: fits(placement(_first_in_ram(layers, n))), 0, len(layers))
+        if n is not None:
             seeds.append(Seed(f"even -ts with --n-cpu-moe {n}", placement(_first_in_ram(layers, n)), BASELINE))
         # One -ot per card: each keeps the experts of its first k layers, all other experts in RAM.
         home = layer_devices(c.anatomy.facts.n_layers, ALL_LAYERS, c.devices, even)

@@ -26,8 +26,7 @@ class LlamaFitParams:
             return []
         answer = self.answer
         if answer is None:
-            free = sorted(((d.name, d.free_bytes) for d in c.machine.accelerators),
-                          key=lambda d: not d[0].startswith("RPC"))
+            free = [(d.name, d.free_bytes) for d in c.machine.accelerators]
             try:
                 answer = fit_params(c.model, fit_margins(free, c.budgets, c.margin), c.serving.ctx,
                                     c.serving.slots, rpc=c.rpc, bin_dir=c.bin_dir)
