@@ -62,7 +62,7 @@ def server_argv(plan: BestPlan, bin_dir: str | Path | None = None) -> tuple[list
     """The exported server line split back into argv, with a free --port appended when it has none."""
     binary = find_binary("llama-server", bin_dir)
     argv = shlex.split(export(plan, "server", binary=str(binary)))
-    if argv and "=" in argv[0]:  # NAME=VALUE words before the command: run it as a shell would, through env
+    if plan.placement.env:  # NAME=VALUE words before the command: run it as a shell would, through env
         argv = ["env", *argv]
     host = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
     if "--port" in argv:
