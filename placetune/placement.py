@@ -16,7 +16,7 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from placetune.anatomy import EXPERT_INFIX, EXPERT_KINDS, LLAMA_EXPERTS_REGEX, Anatomy, TensorInfo
+from placetune.anatomy import EXPERT_INFIX, EXPERT_KINDS, LLAMA_EXPERTS_REGEX, Anatomy, Group, TensorInfo
 from placetune.errors import PlacetuneError
 
 ALL_LAYERS = 999  # -ngl value meaning "every layer and the output head"
@@ -728,7 +728,7 @@ class _TensorIndex:
         self.raw = [t.n_bytes for t in tensors]
         self.host = [allocated_bytes(t, "CPU") for t in tensors]
         self.cuda = [allocated_bytes(t, "CUDA0") for t in tensors]
-        self.expert_ids = [i for i, t in enumerate(tensors) if "_exps" in t.name]
+        self.expert_ids = [i for i, t in enumerate(tensors) if t.group is Group.EXPERT]  # chexps too
         # weights of matrix products (what op offload copies): 2-D and up, not the get_rows lookup tables
         self.matmul = [len(t.shape) >= 2 and not t.name.startswith("token_embd") for t in tensors]
         self.slot_totals = {kind: self._totals(sizes) for kind, sizes in

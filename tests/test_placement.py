@@ -154,6 +154,14 @@ def test_expert_rules_cover_chunk_experts_like_llama_cpp() -> None:
     assert classify("blk.1.ffn_down_chexps.weight")[:2] == (Group.EXPERT, "down")
 
 
+def test_chunk_experts_move_in_the_byte_accounting_too(tiny_moe: Path) -> None:
+    """--cpu-moe moves GroveMoE's chexps tensors, so the per-device bytes must move them as for _exps."""
+    anatomy = read_anatomy(tiny_moe)
+    chunked = replace(anatomy, tensors=[replace(t, name=t.name.replace("_exps", "_chexps")) for t in anatomy.tensors])
+    placement = parse_flags("-ngl 99 --cpu-moe")
+    assert bytes_per_buffer(chunked, placement, ["RPC0"]) == bytes_per_buffer(anatomy, placement, ["RPC0"])
+
+
 def test_rules_split_as_each_tool_splits_them() -> None:
     assert split_rules("a=CPU,b=c=RPC0[127.0.0.1:5]") == [("a", "CPU"), ("b", "c=RPC0[127.0.0.1:5]")]
     assert split_rules("a=CPU;b=CPU", "bench") == [("a", "CPU"), ("b", "CPU")]
