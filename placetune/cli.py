@@ -140,8 +140,7 @@ def bench(
         from placetune.hardware import probe_machine
         from placetune.placement import check_buffer_types
 
-        devices = probe_machine(rpc_servers, runner, llama_bin_dir).llama_devices
-        check_buffer_types(placement, [name for d in devices for name in (d.name, d.buffer_type)])
+        check_buffer_types(placement, probe_machine(rpc_servers, runner, llama_bin_dir).override_targets)
     measurer = get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers)
     if not as_json:
         console.print(f"measuring with {runner}: {' '.join(ctx.args) or '(llama.cpp defaults)'}", highlight=False)
@@ -354,7 +353,7 @@ def shootout(
     machine = probe_machine(rpc_servers, runner, llama_bin_dir)
     budgets = parse_budgets(budget or [], [d.name for d in machine.llama_devices])
     for _, placement in lines:
-        check_buffer_types(placement, [name for d in machine.llama_devices for name in (d.name, d.buffer_type)])
+        check_buffer_types(placement, machine.override_targets)
     folder = out if out != Path() else Path("results") / "shootout" / model.stem
     held = {f"CUDA{g.index}" for g in machine.gpus}
     margin = next((-(-(d.free_bytes - budgets[d.name]) // MIB) for d in machine.accelerators
@@ -368,7 +367,7 @@ def shootout(
     if best is not None:
         config.winner = ("placetune's winner (best.json)", serving.apply(load_best(best).placement))
     elif search_minutes is not None:
-        config.winner = _search_for_shootout(config, search_minutes, out, runner)
+        config.winner = _search_for_shootout(config, search_minutes, folder, runner)
 
     def say(text: str) -> None:
         console.print(text, highlight=False, markup=False)
@@ -392,7 +391,7 @@ def _space_for(anatomy: Any, machine: Any) -> Any:
     return space
 
 
-def _search_for_shootout(config: Any, minutes: float, out: Path, runner_name: str) -> tuple[str, Any]:
+def _search_for_shootout(config: Any, minutes: float, folder: Path, runner_name: str) -> tuple[str, Any]:
     """Run placetune's search on the shootout's model, memory and serving context; its winner's name and placement."""
     import optuna
 
@@ -400,7 +399,7 @@ def _search_for_shootout(config: Any, minutes: float, out: Path, runner_name: st
     from placetune.search import Search, SearchConfig
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the search's own progress lines say what happens
-    folder = (out if out != Path() else Path("results") / "shootout" / config.model.stem).resolve()
+    folder = folder.resolve()  # the shootout's own folder: its journal and the search's study side by side
     folder.mkdir(parents=True, exist_ok=True)
     measurer = get_runner(runner_name, bin_dir=config.bin_dir, rpc=config.rpc, reuse=True)
     search_config = SearchConfig(

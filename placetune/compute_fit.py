@@ -72,8 +72,9 @@ def sweep(models: dict[str, Path], rpc: Sequence[str]) -> Iterator[Sample]:
     placements = ["-lm none --no-repack -ngl 0"]
     if rpc:
         placements += ["-lm none --no-repack -ngl 999", "-lm none --no-repack -ngl 3"]
+    anatomies = {name: read_anatomy(path) for name, path in models.items()}
     for (name, path), base in itertools.product(models.items(), placements):
-        anatomy = read_anatomy(path)
+        anatomy = anatomies[name]
         devices = ["RPC0"] if rpc else []
         runner = EmbeddedRunner(rpc=rpc, reuse=True)  # one model load per placement, a context per point
         try:

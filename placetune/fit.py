@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from placetune.errors import PlacetuneError
-from placetune.placement import Placement, parse_flags
+from placetune.placement import Placement, parse_flags, render_fit_target
 from placetune.runners.binaries import find_binary, run_to_end
 
 
@@ -37,8 +37,7 @@ def fit_params(model: Path, margins: Sequence[int], n_ctx: int, slots: int = 1, 
     except PlacetuneError as exc:
         raise FitUnavailable(str(exc)) from None
     command = [str(binary), "-m", str(model), "-c", str(n_ctx), "-fitc", str(n_ctx), "-np", str(slots)]
-    if margins:
-        command += ["-fitt", ",".join(map(str, margins))]
+    command += render_fit_target(margins)
     if rpc:
         command += ["--rpc", ",".join(rpc)]
     run = run_to_end(command, timeout_s)

@@ -76,6 +76,11 @@ class Machine:
         model's device list), then the local ones as listed."""
         return sorted((d for d in self.llama_devices if d.is_accelerator), key=lambda d: not d.name.startswith("RPC"))
 
+    @property
+    def override_targets(self) -> list[str]:
+        """What an -ot rule may name here: each device's name and its buffer type name."""
+        return [name for d in self.llama_devices for name in (d.name, d.buffer_type)]
+
     def fingerprint(self) -> str:
         """Short stable hash of the hardware and the llama.cpp build (no hostname, no free memory)."""
         stable = {

@@ -30,7 +30,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from placetune.anatomy import Anatomy, ModelFacts
 from placetune.errors import PlacetuneError
-from placetune.placement import Placement, bytes_per_buffer, layer_devices, matmul_bytes_per_layer
+from placetune.placement import Placement, aligned, bytes_per_buffer, layer_devices, matmul_bytes_per_layer
 from placetune.units import human_bytes
 
 DEFAULT_UBATCH = 512
@@ -39,8 +39,6 @@ DEFAULT_MARGIN = 512 * 2**20  # per accelerator, for the CUDA/driver context and
 CTX_PAD = 256  # llama_context pads n_ctx (and each slot's share) to this many cells
 OP_OFFLOAD_MIN_BATCH = 32  # GGML_OP_OFFLOAD_MIN_BATCH's default
 OP_OFFLOAD_ENV = "GGML_OP_OFFLOAD_MIN_BATCH"
-_HOST_ALIGNMENT = 32
-_CUDA_ALIGNMENT = 128
 
 
 @dataclass(frozen=True)
@@ -158,8 +156,7 @@ def kv_per_device(layers: Sequence[LayerKV], layer_dev: Sequence[str], shape: Co
     out: dict[str, int] = {}
     for lk in layers:
         dev = layer_dev[lk.layer]
-        align = _CUDA_ALIGNMENT if dev.startswith("CUDA") else _HOST_ALIGNMENT
-        size = sum(_pad(b * shape.n_stream, align) for b in (lk.k_bytes, lk.v_bytes) if b)
+        size = sum(aligned(b * shape.n_stream, dev) for b in (lk.k_bytes, lk.v_bytes) if b)
         out[dev] = out.get(dev, 0) + size
     return out
 

@@ -241,7 +241,7 @@ def _override_groups(placement: Placement, rpc: Sequence[str] = ()) -> list[list
         if isinstance(o, ExpertRule) and o.is_n_cpu_moe and i == last:
             out.append(None if o.layers is None else len(o.layers))
             continue
-        rule = f"{o.pattern() if isinstance(o, ExpertRule) else o.pattern}={buffer_type(o.buft, rpc)}"
+        rule = f"{rule_pattern(o)}={buffer_type(o.buft, rpc)}"
         if out and isinstance(out[-1], list):
             out[-1].append(rule)
         else:
@@ -310,6 +310,11 @@ def render_env(placement: Placement) -> list[str]:
 def render_ot(placement: Placement, rpc: Sequence[str] = ()) -> str:
     """Just the -ot value (llama-server spelling), with --n-cpu-moe rules written out as regexes."""
     return ",".join(f"{rule_pattern(o)}={buffer_type(o.buft, rpc)}" for o in placement.overrides)
+
+
+def render_fit_target(margins_mib: Sequence[int]) -> list[str]:
+    """--fit's free-memory target per device (-fitt, MiB, in llama.cpp's device order); nothing for none."""
+    return ["-fitt", ",".join(map(str, margins_mib))] if margins_mib else []
 
 
 def render_server_command(
@@ -404,7 +409,7 @@ def python_kwargs(placement: Placement) -> tuple[dict[str, Any], list[str]]:
         cannot.append("--no-repack (weight repacking stays on)")
     if placement.parallel and placement.parallel > 1:
         cannot.append(f"-np {placement.parallel} (Llama() serves one sequence)")
-    cannot += [f"-ot {o.pattern() if isinstance(o, ExpertRule) else o.pattern}={o.buft}" for o in placement.overrides]
+    cannot += [f"-ot {rule_pattern(o)}={o.buft}" for o in placement.overrides]
     return kw, cannot
 
 
@@ -649,9 +654,6 @@ def rule_pattern(o: Override) -> str:
     return o.pattern() if isinstance(o, ExpertRule) else o.pattern
 
 
-def _rule_matches(o: Override, name: str) -> bool:
-    return re.search(rule_pattern(o), name) is not None
-
 
 def layer_devices(n_layers: int, n_gpu_layers: int | None, devices: Sequence[str],
                   tensor_split: Sequence[float] | None = None) -> list[str]:
@@ -706,8 +708,13 @@ def allocated_bytes(t: TensorInfo, device: str) -> int:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[t.ggml_type]]
         if block > 1 and t.shape and t.shape[0] % _CUDA_ROW_PADDING:
             size += (_CUDA_ROW_PADDING - t.shape[0] % _CUDA_ROW_PADDING) // block * type_size
-        return -(-size // _CUDA_ALIGNMENT) * _CUDA_ALIGNMENT
-    return -(-size // _HOST_ALIGNMENT) * _HOST_ALIGNMENT
+    return aligned(size, device)
+
+
+def aligned(size: int, device: str) -> int:
+    """A buffer's size in a device's buffers: CUDA aligns to 128 bytes, CPU and RPC-over-CPU to 32."""
+    align = _CUDA_ALIGNMENT if device.startswith("CUDA") else _HOST_ALIGNMENT
+    return -(-size // align) * align
 
 
 class _TensorIndex:

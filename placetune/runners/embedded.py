@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 
 from placetune.errors import PlacetuneError
-from placetune.placement import ExpertRule, Placement, ggml_type_id
+from placetune.placement import Placement, ggml_type_id, rule_pattern
 from placetune.runners.base import OK, Measurement, Stats, Workload, classify_failure
 from placetune.runners.binaries import files_digest
 from placetune.runners.embedded_child import model_key
@@ -70,7 +70,7 @@ class EmbeddedRunner:
         self._worker: _Worker | None = None
 
     def request(self, model: Path, placement: Placement, workload: Workload) -> dict[str, Any]:
-        overrides = [(o.pattern() if isinstance(o, ExpertRule) else o.pattern, o.buft) for o in placement.overrides]
+        overrides = [(rule_pattern(o), o.buft) for o in placement.overrides]
         types = {k: ggml_type_id(v) for k in ("cache_type_k", "cache_type_v") if (v := getattr(placement, k))}
         return {
             "model": str(model),

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from placetune.placement import Placement, render_bench_command
+from placetune.placement import Placement, render_bench_command, render_fit_target
 from placetune.runners.base import BAD_ARGS, ERROR, OK, Measurement, Stats, Workload, classify_failure
 from placetune.runners.binaries import binary_build, find_binary, run_to_end
 from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail, overridden_tensors
@@ -47,7 +47,7 @@ class LlamaBenchRunner:
             depth=workload.depth, repetitions=workload.repetitions + _extra_warmups(workload), rpc=self.rpc,
             output="jsonl",
         )
-        fit = ["-fitt", str(self.fit_margin_mib)] if self.fit_on else []
+        fit = render_fit_target([self.fit_margin_mib]) if self.fit_on else []
         return [*cmd, *fit, VERBOSE] + ([NO_WARMUP] if workload.warmups == 0 else [])
 
     def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:

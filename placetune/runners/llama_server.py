@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from placetune.errors import PlacetuneError
-from placetune.placement import Placement, render_server_command
+from placetune.placement import Placement, render_fit_target, render_server_command
 from placetune.runners.base import BAD_ARGS, ERROR, OK, TIMEOUT, Measurement, Stats, Workload, classify_failure
 from placetune.runners.binaries import binary_build, binary_help, exit_status, find_binary, reap
 from placetune.runners.llamalog import buffer_sizes, check_placement, log_tail, overridden_tensors
@@ -207,7 +207,7 @@ class LlamaServerRunner:
             placement = replace(placement, ctx=workload.context_needed)
         if placement.parallel is None and not self.fit_on:  # -np auto would size the cache for 4 slots
             placement = replace(placement, parallel=1)
-        margin = ["-fitt", str(self.fit_margin_mib)] if self.fit_on and self.fit_margin_mib is not None else []
+        margin = render_fit_target([self.fit_margin_mib]) if self.fit_on and self.fit_margin_mib is not None else []
         return render_server_command(str(model), placement, binary=str(binary), host="127.0.0.1", port=port,
                                      rpc=self.rpc, fit_off=not self.fit_on and "--fit" in binary_help(binary),
                                      extra=[*margin, *server_flags(binary)])

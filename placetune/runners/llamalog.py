@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from placetune.anatomy import Anatomy, read_anatomy
-from placetune.placement import ExpertRule, Placement, device_of
+from placetune.placement import Placement, device_of, rule_pattern
 
 _OVERRIDDEN = re.compile(r"tensor (\S+) \([^)]*\) buffer type overridden to (\S+)")
 _BUFFER_SIZE = re.compile(r"^\S+:\s+(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+) MiB", re.M)
@@ -71,7 +71,7 @@ def _add(sizes: dict[str, int], device: str, mib: str) -> None:
 
 def expected_overrides(anatomy: Anatomy, placement: Placement) -> tuple[dict[str, str], list[str]]:
     """Tensor -> buffer type that the placement's -ot rules ask for, and the rules that match nothing."""
-    rules = [(o.pattern() if isinstance(o, ExpertRule) else o.pattern, o.buft) for o in placement.overrides]
+    rules = [(rule_pattern(o), o.buft) for o in placement.overrides]
     compiled = [(re.compile(p), p, b) for p, b in rules]
     asked: dict[str, str] = {}
     used: set[int] = set()
