@@ -81,17 +81,19 @@ def test_hw_lists_rpc_devices(rpc_server: str) -> None:
 
 def test_second_ctrl_c_stops_at_once_and_the_cut_trial_is_measured_on_resume(tiny_moe: Path, tmp_path: Path) -> None:
     args = [*CLI, "search", str(tiny_moe), "--out", str(tmp_path), "--n-trials", "8", "-p", "2048", "-n", "256",
-            "-r", "5", "--warmups", "1", "--top-k", "1", "--set", "repack=false"]
+            "-r", "5", "--warmups", "4", "--top-k", "1", "--set", "repack=false"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     assert proc.stdout is not None and proc.stderr is not None
     output = []
     for line in proc.stdout:
         output.append(line)
+        # Each trial takes about a second even when screening stops it after one repetition (4 warm-ups
+        # first), so both signals land inside the next trial's measurement.
         if line.startswith("trial 1"):
-            time.sleep(0.3)  # inside the next trial's measurement (each takes over a second)
+            time.sleep(0.3)
             proc.send_signal(signal.SIGINT)
         if "Ctrl-C again stops at once" in line:
-            time.sleep(0.2)
+            time.sleep(0.05)
             proc.send_signal(signal.SIGINT)
             break
     output += proc.stdout.readlines()
