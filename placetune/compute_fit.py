@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from placetune.anatomy import Anatomy, read_anatomy
+from placetune.device_bytes import layer_devices
 from placetune.memory import COMPUTE_FIT, ComputeTerms, compute_terms, context_shape, kv_layers
-from placetune.placement import Placement, layer_devices, parse_flags
+from placetune.placement import Placement, parse_flags
 from placetune.runners.base import Workload
 from placetune.runners.embedded import EmbeddedRunner
 from placetune.synth import SynthSpec, tiny_spec, write_model

@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from placetune.anatomy import Anatomy, ModelFacts
+from placetune.device_bytes import aligned, bytes_per_buffer, layer_devices, matmul_bytes_per_layer
 from placetune.errors import PlacetuneError
-from placetune.placement import Placement, aligned, bytes_per_buffer, layer_devices, matmul_bytes_per_layer
+from placetune.placement import Placement
 from placetune.units import human_bytes
 
 DEFAULT_UBATCH = 512

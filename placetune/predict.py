@@ -33,9 +33,10 @@ import numpy as np
 from rich.table import Table
 
 from placetune.anatomy import Anatomy, Group
+from placetune.device_bytes import layer_devices, tensor_buffer
 from placetune.errors import PlacetuneError, read_user_text
 from placetune.hardware import Gpu, Machine
-from placetune.placement import Placement, device_of, layer_devices, tensor_buffer
+from placetune.placement import Placement, device_of
 from placetune.results import find_best
 from placetune.units import human_bytes
 

@@ -21,8 +21,9 @@ import optuna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from placetune.anatomy import Anatomy, Group
+from placetune.device_bytes import layer_devices
 from placetune.errors import PlacetuneError, read_user_text
-from placetune.placement import FLASH_ATTN, KV_TYPES, LOAD_MODES, ExpertRule, Placement, layer_devices
+from placetune.placement import FLASH_ATTN, KV_TYPES, LOAD_MODES, ExpertRule, Placement
 from placetune.records import one_line_error
 
 SPACES_PACKAGE = "placetune.search_spaces"

@@ -25,7 +25,8 @@ from rich.table import Table
 
 from placetune.anatomy import Anatomy, column_of
 from placetune.compare import NOISY_SPREAD
-from placetune.placement import Placement, layer_devices, tensor_buffer
+from placetune.device_bytes import layer_devices, tensor_buffer
+from placetune.placement import Placement
 from placetune.runners.base import Measurement, Workload
 from placetune.units import UNITS, human_bytes
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from placetune.anatomy import read_anatomy
+from placetune.device_bytes import bytes_per_buffer, layer_devices
 from placetune.memory import check_fit, predict_memory
-from placetune.placement import ExpertRule, Placement, bytes_per_buffer, layer_devices, parse_flags, render_args
+from placetune.placement import ExpertRule, Placement, parse_flags, render_args
 from placetune.runners import get_runner
 from placetune.runners.base import Workload
 

@@ -12,13 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from placetune.anatomy import Group, classify, read_anatomy
+from placetune.device_bytes import bytes_per_buffer
 from placetune.errors import PlacetuneError
 from placetune.placement import (
     ALL_EXPERT_KINDS,
     ExpertRule,
     Placement,
     RawOverride,
-    bytes_per_buffer,
     check_buffer_types,
     layers_regex,
     parse_flags,

@@ -15,8 +15,9 @@ import pytest
 from conftest import on_rpc_cpu
 
 from placetune.anatomy import Group, read_anatomy
+from placetune.device_bytes import bytes_per_buffer
 from placetune.memory import predict_memory
-from placetune.placement import ExpertRule, Placement, bytes_per_buffer, render_server_command
+from placetune.placement import ExpertRule, Placement, render_server_command
 from placetune.runners import get_runner
 from placetune.runners.base import Workload
 from placetune.runners.binaries import find_binary

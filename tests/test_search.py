@@ -18,10 +18,11 @@ import pytest
 
 from placetune.anatomy import read_anatomy
 from placetune.budgets import parse_budgets
+from placetune.device_bytes import bytes_per_buffer
 from placetune.errors import PlacetuneError
 from placetune.hardware import LlamaDevice, Machine
 from placetune.memory import check_fit, predict_memory
-from placetune.placement import ExpertRule, Placement, bytes_per_buffer, parse_flags, render_flags
+from placetune.placement import ExpertRule, Placement, parse_flags, render_flags
 from placetune.runners.base import Measurement, Stats, Workload
 from placetune.search import Contender, Decision, Search, SearchConfig, counted, serving_for
 from placetune.search.finals import decide, run_rounds

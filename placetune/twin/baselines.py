@@ -16,9 +16,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from placetune.device_bytes import layer_devices
 from placetune.memory import DEFAULT_BATCH, DEFAULT_UBATCH
 from placetune.monotone import first_true, last_true
-from placetune.placement import ALL_LAYERS, ExpertRule, Placement, layer_devices, render_flags
+from placetune.placement import ALL_LAYERS, ExpertRule, Placement, render_flags
 from placetune.space import moe_layers, to_placement
 from placetune.twin.capacity import FIT_MARGIN, OK
 from placetune.twin.scenarios import Scenario

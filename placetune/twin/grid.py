@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from placetune.anatomy import Group
-from placetune.placement import Placement, allocated_bytes, layer_devices
+from placetune.device_bytes import allocated_bytes, layer_devices
+from placetune.placement import Placement
 from placetune.runners.base import Workload
 from placetune.space import to_placement
 from placetune.twin.capacity import GPU, HiddenError, placetune_need

@@ -33,8 +33,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from placetune.anatomy import Group
+from placetune.device_bytes import layer_devices, tensor_buffer
 from placetune.memory import DEFAULT_BATCH, DEFAULT_UBATCH, OP_OFFLOAD_MIN_BATCH, op_offload_min_batch
-from placetune.placement import Placement, layer_devices, tensor_buffer
+from placetune.placement import Placement
 from placetune.predict import device_of, read_bytes_by_device
 from placetune.runners.base import Workload
 from placetune.twin.capacity import DEVICES, SPILL

@@ -9,8 +9,9 @@ that the memory model says fit.
 
 from __future__ import annotations
 
+from placetune.device_bytes import layer_devices
 from placetune.monotone import first_true, last_true
-from placetune.placement import ALL_LAYERS, ExpertRule, Placement, layer_devices
+from placetune.placement import ALL_LAYERS, ExpertRule, Placement
 from placetune.search.seeds import BASELINE, Seed, SeedContext
 from placetune.space import moe_layers
 
