@@ -3,7 +3,7 @@
 llama.cpp's compute buffer is ggml-alloc's peak over the graphs it reserves; no closed form gives it,
 so memory.ComputeTerms weighs the activations each graph phase holds with fitted coefficients. This
 module measures them: it writes generated models of varied shapes, has the embedded runner create a
-context for every (placement, context, ubatch, flash attention) in a grid (no tokens are decoded),
+context for every (placement, context, ubatch, flash attention) in a grid (one token is decoded),
 reads the compute buffer sizes llama.cpp prints, and fits the coefficients by coordinate descent on
 the worst error relative to max(10%, 64 KiB).
 
@@ -45,7 +45,7 @@ SHAPES: dict[str, SynthSpec] = {
 }
 CONTEXTS = (256, 1000, 2048)
 UBATCHES = (32, 128, 512)
-CREATE_ONLY = Workload(n_prompt=1, n_gen=0, repetitions=0, warmups=0, timeout_s=120)
+CREATE_ONLY = Workload(n_prompt=1, n_gen=0, repetitions=1, warmups=0, timeout_s=120)  # the context, one token
 
 
 @dataclass(frozen=True)
