@@ -208,3 +208,14 @@ def test_gemma3_270m_agrees(tmp_path: Path, rpc_server: str) -> None:
                           kv_lines=2)
     finally:
         runner.close()
+
+
+def test_the_compute_fit_tool_still_measures(tiny_moe: Path) -> None:
+    """`python -m placetune.compute_fit` refits COMPUTE_FIT; its sweep must keep running against llama.cpp."""
+    import itertools
+
+    from placetune.compute_fit import sweep
+
+    samples = list(itertools.islice(sweep({"moe": tiny_moe}, []), 3))
+    assert len(samples) == 3 and all(s.device == "CPU" and s.reported > 0 for s in samples)
+    assert all(s.terms.bytes() > 0 for s in samples)
