@@ -173,7 +173,9 @@ def test_two_workers_share_one_study(tiny_moe: Path, pg_url: str, tmp_path: Path
 
 def test_sigkilled_worker_trial_is_failed_by_heartbeat_and_retried(tiny_moe: Path, pg_url: str,
                                                                    tmp_path: Path) -> None:
-    colocated = ["--allow-colocated-workers"]
+    # A longer prompt than WORKLOAD's (the last -p/-n win): each measurement then takes a few hundred ms, so the
+    # victim is caught mid-measurement, not only between its few-ms measurements.
+    colocated = ["--allow-colocated-workers", "-p", "1024", "-n", "128"]
     survivor = start(search_cmd(tiny_moe, pg_url, tmp_path / "b", 20, *colocated))
     # The survivor is already past its start-up check for dead pids on this host, so only the heartbeat can tell.
     wait_until_measuring(survivor, pg_url)
