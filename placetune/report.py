@@ -147,7 +147,8 @@ def load_inputs(results: str | Path, study_name: str | None = None) -> ReportInp
         study = load_existing_study(f"sqlite:///{path.resolve()}", study_name)
         return ReportInputs(study, _objective(study), str(path))
     if not path.is_dir():
-        raise PlacetuneError(f"{path} not found; give a results folder (with best.json), a .db file or a storage URL")
+        raise PlacetuneError(f"{mask_url(str(path))} not found; give a results folder (with best.json), a .db file or "
+                             "a storage URL")
     best_path = path / "best.json"
     if not best_path.exists():
         db = path / "placetune.db"

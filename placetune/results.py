@@ -15,13 +15,14 @@ from typing import Any
 
 import optuna
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from placetune import __version__
 from placetune.errors import PlacetuneError, read_user_text
 from placetune.escape import comment
 from placetune.placement import Placement, render_env
 from placetune.records import one_line_error
+from placetune.storage import mask_url
 
 
 def results_dir(root: Path, model_name: str, machine_name: str) -> Path:
@@ -105,6 +106,14 @@ class BestRecord(BaseModel):
     memory: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
 
+    @field_validator("study")
+    @classmethod
+    def _masked_storage(cls, study: dict[str, Any]) -> dict[str, Any]:
+        """A storage password never travels in a plan, even in one written by hand or by an older placetune."""
+        if isinstance(study.get("storage"), str):
+            return {**study, "storage": mask_url(study["storage"])}
+        return study
+
 
 class BestPlan:
     """A loaded best.json: the validated record, and its plain-JSON form for the code that reads fields."""
@@ -115,6 +124,10 @@ class BestPlan:
         except ValidationError as exc:
             raise PlacetuneError(f"{where} is not a placetune best.json: {one_line_error(exc)}") from None
         self.data = self.record.model_dump(mode="json")
+        try:
+            Placement.from_dict(self.data["placement"])  # checked here, so a bad value names its file
+        except PlacetuneError as exc:
+            raise PlacetuneError(f"{where}: {exc}") from None
 
     @property
     def placement(self) -> Placement:

@@ -23,15 +23,19 @@ from placetune.errors import PlacetuneError
 CONNECT_TIMEOUT_S = 5  # an unreachable database fails the command instead of hanging it
 DEFAULT_STORAGE = "sqlite:///results/placetune.db"
 MEMORY_STORAGE = "memory"  # a study kept in this process only (benchmarks), never a URL a user gives
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
+# user:password@ after a scheme, or at the start of a URL typed without one (u:secret@host/db).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://|^)(?P<user>[^:/@\s]*):[^@/\s]*@")
+# A password in the query string (postgresql://host/db?password=secret), as libpq and SQLAlchemy take it.
+_QUERY_PASSWORD = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|sslpassword)=)[^&#\s]*", re.I)
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***, also when SQLAlchemy cannot parse it."""
+    """The URL with its password replaced by ***, wherever it is written, also when SQLAlchemy cannot parse it."""
     try:
         masked = make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError, TypeError):
         masked = url
+    masked = _QUERY_PASSWORD.sub(lambda m: f"{m['key']}***", masked)
     return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", masked)
 
 
@@ -80,7 +84,7 @@ def sqlite_file(url: str) -> Path | None:
     """The file of an sqlite:/// URL, None for other databases."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return None
     if not parsed.drivername.startswith("sqlite") or not parsed.database or parsed.database == ":memory:":
         return None
@@ -94,7 +98,7 @@ def load_existing_study(url: str, name: str | None = None) -> optuna.Study:
     """
     try:
         make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         raise PlacetuneError(f"storage {mask_url(url)!r} is not a database URL such as {DEFAULT_STORAGE}") from None
     path = sqlite_file(url)
     if path is not None:
