@@ -26,6 +26,7 @@ from placetune.placement import (
     render_flags,
     render_ot,
     render_server_command,
+    shell_line,
 )
 from placetune.results import BestPlan, load_best
 from placetune.runners.base import Stats, Workload
@@ -42,6 +43,9 @@ def load_result(result: str, storage: str | None = None) -> BestPlan:
     path = Path(result).expanduser()
     if path.exists():
         return load_best(path)
+    if "://" in result or "@" in result:
+        raise PlacetuneError(f"{mask_url(result)} looks like a storage URL; give the study's name and the URL as "
+                             "--storage URL")
     if result.endswith(".json") or "/" in result:
         raise PlacetuneError(f"{result} not found; give a best.json, a results folder or a study name")
     return plan_from_study(result, storage or DEFAULT_STORAGE)
@@ -112,13 +116,13 @@ def export(plan: BestPlan, fmt: str = "server", host: str = "127.0.0.1", port: i
     model = plan.model_path
     rpc = list(plan.data.get("rpc") or [])
     if fmt == "server":
-        return shlex.join([*render_env(placement), *render_server_command(model, placement, binary=binary, host=host,
-                                                                          port=port, rpc=rpc)])
+        return shell_line(placement, render_server_command(model, placement, binary=binary, host=host, port=port,
+                                                           rpc=rpc))
     if fmt == "bench":
         return _bench_line(plan, binary)
     if fmt == "flags":
         flags = shlex.join(render_args(placement, rpc=rpc))
-        return flags + ("\n" + comment(f"and in the environment: {' '.join(render_env(placement))}")
+        return flags + ("\n" + comment(f"and in the environment: {shell_line(placement, [])}")
                         if placement.env else "")
     if fmt == "ot":
         if not placement.overrides:
@@ -142,12 +146,11 @@ def _bench_line(plan: BestPlan, binary: str) -> str:
                                output=None)
     if w.warmups == 0:
         cmd.append(NO_WARMUP)
-    cmd = [*render_env(plan.placement), *cmd]
     p = plan.placement
     serving = f"-c {p.ctx} -np {p.parallel or 1}" if p.ctx else "the serving context"
     note = (f"llama-bench has no -c or -np: it sizes its KV cache to each test, not to {serving}, and places "
             "tensors as given (no --fit)")
-    return shlex.join(cmd) + "\n" + comment(note)
+    return shell_line(p, cmd) + "\n" + comment(note)
 
 
 def _python_snippet(model: str, placement: Placement) -> str:

@@ -8,6 +8,7 @@ both spellings come from the tables here, and `parse_flags` reads either back in
 from __future__ import annotations
 
 import functools
+import math
 import re
 import shlex
 from collections.abc import Iterable, Sequence
@@ -40,6 +41,8 @@ class ExpertRule:
     include_bias: bool = True
 
     def __post_init__(self) -> None:
+        if self.layers is not None and not all(_is_count(x, 0) for x in self.layers):
+            raise PlacetuneError(f"an expert rule's layers are layer numbers (0 or more), got {list(self.layers)!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
         object.__setattr__(self, "kinds", tuple(k for k in ALL_EXPERT_KINDS if k in set(self.kinds)))
@@ -73,6 +76,11 @@ class RawOverride:
 Override = ExpertRule | RawOverride
 
 
+def _is_count(value: object, least: int) -> bool:
+    """A whole number (not a bool) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 @dataclass(frozen=True)
 class Placement:
     """Layers on the accelerator, tensor overrides in llama.cpp's first-match order, and runtime knobs.
@@ -98,11 +106,36 @@ class Placement:
     env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        """Every value is one llama.cpp accepts, whichever way the placement came in (flags, a placement file,
+        best.json, a search space), so nothing invalid is launched or exported."""
         if self.env:
             object.__setattr__(self, "env", tuple(sorted((str(k), str(v)) for k, v in self.env)))
             for name, _ in self.env:
                 if not _ENV_NAME.fullmatch(name):
                     raise PlacetuneError(f"environment knob {name!r} is not a variable name (letters, digits, _)")
+        if self.n_gpu_layers is not None and not _is_count(self.n_gpu_layers, 0):
+            raise PlacetuneError(f"n_gpu_layers (-ngl) must be 0 or more layers, got {self.n_gpu_layers!r}")
+        for name in ("threads", "batch", "ubatch", "ctx", "parallel"):
+            value = getattr(self, name)
+            if value is not None and not _is_count(value, 1):
+                raise PlacetuneError(f"{name} must be a whole number of 1 or more, got {value!r}")
+        for name, allowed in (("flash_attn", FLASH_ATTN), ("cache_type_k", KV_TYPES), ("cache_type_v", KV_TYPES),
+                              ("load_mode", LOAD_MODES), ("split_mode", SPLIT_MODES)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise PlacetuneError(f"{name} takes one of {', '.join(allowed)}, got {value!r}")
+        if not isinstance(self.no_op_offload, bool) or not isinstance(self.repack, bool | None):
+            raise PlacetuneError("no_op_offload and repack are true or false (repack may also be left out)")
+        if self.tensor_split is not None:
+            ts = self.tensor_split
+            if not ts or any(not math.isfinite(x) or x < 0 for x in ts) or not sum(ts) > 0:
+                raise PlacetuneError(f"tensor split (-ts) takes shares of 0 or more, not all 0, like 3,1; got "
+                                     f"{','.join(map(str, ts))}")
+        for o in self.overrides:
+            if not isinstance(o.buft, str) or not o.buft:  # which names exist: check_buffer_types, per build
+                raise PlacetuneError(f"an -ot buffer type must be a name such as CPU or CUDA0, got {o.buft!r}")
+            if isinstance(o, RawOverride) and (not isinstance(o.pattern, str) or not o.pattern):
+                raise PlacetuneError(f"an -ot rule needs a regex, got {o.pattern!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -132,15 +165,19 @@ class Placement:
                         include_bias=bool(o.get("include_bias", True)),
                     )
                 )
-            else:
+            elif kind == "raw" and "pattern" in o and "buft" in o:
                 overrides.append(RawOverride(pattern=o["pattern"], buft=o["buft"]))
+            else:
+                raise PlacetuneError(f"placement override {o!r}: an override is experts (layers, kinds, buft) or raw "
+                                     "(pattern, buft)")
         ts = d.get("tensor_split")
-        return cls(**{
-            **d,
-            "overrides": tuple(overrides),
-            "tensor_split": None if ts is None else tuple(float(x) for x in ts),
-            "env": tuple((str(k), str(v)) for k, v in d.get("env", ())),
-        })
+        try:
+            split = None if ts is None else tuple(float(x) for x in ts)
+            env = tuple((str(k), str(v)) for k, v in dict(d.get("env", ())).items())
+        except (TypeError, ValueError):
+            raise PlacetuneError(f"placement: tensor_split is a list of numbers and env a list of [NAME, VALUE] "
+                                 f"pairs, got {ts!r} and {d.get('env')!r}") from None
+        return cls(**{**d, "overrides": tuple(overrides), "tensor_split": split, "env": env})
 
 
 
@@ -299,12 +336,21 @@ def render_args(placement: Placement, tool: str = "server", rpc: Sequence[str] =
 def render_flags(placement: Placement) -> str:
     """The placement as one shell-quoted string: llama-server flags, after the environment knobs they need
     (`NAME=VALUE ...`). It names a placement everywhere: in tables, trial records and comparisons."""
-    return shlex.join([*render_env(placement), *render_args(placement, "server")])
+    return shell_line(placement, render_args(placement, "server"))
 
 
 def render_env(placement: Placement) -> list[str]:
-    """Backend environment knobs as NAME=VALUE words: a shell command prefix (`NAME=VALUE llama-server ...`)."""
+    """Backend environment knobs as NAME=VALUE words, unquoted: for `env`, llama-swap's `env:` and messages."""
     return [f"{name}={value}" for name, value in placement.env]
+
+
+def shell_line(placement: Placement, argv: Sequence[str]) -> str:
+    """A shell command: the placement's environment knobs as assignments, then argv, all quoted for POSIX sh.
+
+    Only the value is quoted (`NAME='a b' cmd`): a quoted whole word ('NAME=a b') is a command name to sh.
+    """
+    env = [f"{name}={shlex.quote(value)}" for name, value in placement.env]
+    return " ".join([*env, shlex.join(argv)]) if argv else " ".join(env)
 
 
 def render_ot(placement: Placement, rpc: Sequence[str] = ()) -> str:
@@ -382,6 +428,8 @@ def python_kwargs(placement: Placement) -> tuple[dict[str, Any], list[str]]:
         kw["n_gpu_layers"] = placement.n_gpu_layers
     if placement.tensor_split is not None:
         kw["tensor_split"] = list(placement.tensor_split)
+    if placement.split_mode is not None:  # llama.h's enum llama_split_mode
+        kw["split_mode"] = SPLIT_MODES.index(placement.split_mode)
     for name, key in (("threads", "n_threads"), ("batch", "n_batch"), ("ubatch", "n_ubatch"), ("ctx", "n_ctx")):
         if getattr(placement, name) is not None:
             kw[key] = getattr(placement, name)

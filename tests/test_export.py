@@ -26,6 +26,7 @@ from placetune.placement import (
     Placement,
     RawOverride,
     parse_flags,
+    python_kwargs,
     render_args,
     render_bench_command,
     render_server_command,
@@ -145,11 +146,14 @@ def test_exported_server_line_pasted_into_bash_answers_health(tmp_path: Path, ti
 
 @pytest.fixture(scope="module")
 def tiny_search(tmp_path_factory: pytest.TempPathFactory, tiny_moe: Path) -> Path:
-    """A real (short) search on the tiny MoE model: its results root, holding best.json and placetune.db."""
+    """A real (short) search on the tiny MoE model: its results root, holding best.json and placetune.db.
+
+    The model is given as typed in its own folder (a relative path), as users do.
+    """
     out = tmp_path_factory.mktemp("search")
-    subprocess.run([PLACETUNE, "search", str(tiny_moe), "--out", str(out), "--n-trials", "3", "-p", "16", "-n", "4",
+    subprocess.run([PLACETUNE, "search", tiny_moe.name, "--out", str(out), "--n-trials", "3", "-p", "16", "-n", "4",
                     "-r", "2", "--warmups", "1", "--top-k", "1", "--set", "repack=false", "--set", "threads=1"],
-                   capture_output=True, text=True, check=True, timeout=600)
+                   capture_output=True, text=True, check=True, timeout=600, cwd=tiny_moe.parent)
     return out
 
 
@@ -158,6 +162,7 @@ def test_export_by_study_name_matches_the_search(tiny_search: Path) -> None:
     record = json.loads(best.read_text())
     storage = f"sqlite:///{tiny_search / 'placetune.db'}"
     plan = load_result(record["study"]["name"], storage)
+    assert Path(plan.model_path).is_absolute() and Path(plan.model_path).is_file()  # searched as a relative path
     assert plan.model_path == record["model"]["path"]
     assert plan.data["workload"] == record["workload"]
     assert export(plan, "server").startswith(shlex.join(["llama-server", "-m", record["model"]["path"]]))
@@ -251,6 +256,60 @@ def test_no_outside_string_escapes_any_export_or_best_sh(tmp_path: Path, stub_bi
     ran = subprocess.run(["sh", str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=30, check=True)
     assert json.loads(ran.stdout) == render_server_command(model, placement)[1:]
     assert not list(tmp_path.glob("PWNED*"))
+
+
+KNOB = "GGML_OP_OFFLOAD_MIN_BATCH"
+
+
+def test_env_knobs_and_rpc_endpoints_with_hostile_values_survive_every_form(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An env knob's value and an RPC endpoint come from best.json: each form passes them through unchanged,
+    as an assignment the shell understands (a quoted 'NAME=value' word would be a command name), and runs
+    nothing else."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for name in ("llama-server", "llama-bench"):
+        stub = folder / name
+        stub.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        f"print(json.dumps({{'argv': sys.argv[1:], 'knob': os.environ.get({KNOB!r})}}))\n")
+        stub.chmod(0o755)
+    model = str(tmp_path / "m.gguf")
+    placement = Placement(threads=1, ctx=4096, parallel=1, env=((KNOB, HOSTILE),))
+    rpc = [f"h{HOSTILE}:1"]
+    plan = BestPlan({**make_plan(model, placement).data, "rpc": rpc})
+
+    def run(text: str) -> dict:
+        done = subprocess.run(["bash", "-c", text], capture_output=True, text=True, cwd=tmp_path, timeout=30,
+                              check=True)
+        return json.loads(done.stdout)
+
+    server = str(folder / "llama-server")
+    assert run(export(plan, "server", binary=server)) == {
+        "argv": render_server_command(model, placement, rpc=rpc)[1:], "knob": HOSTILE}
+    bench = run(export(plan, "bench", binary=server))
+    assert bench["knob"] == HOSTILE and bench["argv"][bench["argv"].index("--rpc") + 1] == rpc[0]
+    flags = export(plan, "flags")
+    assert all(line.isprintable() for line in flags.split("\n")[1:])
+    assert run(f"{shlex.quote(server)} {flags}") == {"argv": render_args(placement, rpc=rpc), "knob": None}
+    doc = yaml.safe_load(export(plan, "llama-swap", binary=server))
+    (entry,) = doc["models"].values()
+    assert entry["env"] == [f"{KNOB}={HOSTILE}"]
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=lambda **kw: None))
+    monkeypatch.delenv(KNOB, raising=False)
+    exec(compile(export(plan, "python"), "<export>", "exec"), {})
+    assert os.environ[KNOB] == HOSTILE
+    script = tmp_path / "best.sh"
+    script.write_text(best_script(BestPlan({**plan.data, "server_command": render_server_command(
+        model, placement, binary=server, rpc=rpc)}).record))
+    assert run(f"sh {shlex.quote(str(script))}") == {
+        "argv": render_server_command(model, placement, rpc=rpc)[1:], "knob": HOSTILE}
+    assert not list(tmp_path.glob("PWNED*"))
+
+
+def test_python_export_maps_the_split_mode() -> None:
+    for mode, value in (("none", 0), ("layer", 1), ("row", 2)):  # llama.h's enum llama_split_mode
+        kw, cannot = python_kwargs(parse_flags(["-sm", mode, "-fa", "on"]))
+        assert kw == {"split_mode": value, "flash_attn": True} and not cannot
 
 
 def test_each_form_carries_exactly_what_it_can(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
