@@ -1,5 +1,5 @@
-"""Strings from outside made safe for the text placetune generates: shell and Python comments and YAML
-scalars (Python literals come from repr, which escapes the same characters).
+"""Strings from outside made safe for the text placetune generates: shell and Python comments, YAML scalars
+and XML text (Python literals come from repr, which escapes the same characters).
 
 A model file name, an -ot pattern, a study name or a CPU model string is data, never code. A newline in
 a `#` comment ends the comment and turns the rest into a command, so every such string is passed through
@@ -37,6 +37,19 @@ def comment(text: str) -> str:
     return "# " + one_line(text)
 
 
+def md_cell(text: str) -> str:
+    """A markdown table cell: on one line, with its pipes escaped, so a name cannot end the cell or the row."""
+    return one_line(text).replace("|", "\\|")
+
+
 def yaml_string(text: str) -> str:
     """A double-quoted YAML scalar (JSON strings are valid YAML, with every control character escaped)."""
     return json.dumps(text, ensure_ascii=True)
+
+
+def xml_text(text: str) -> str:
+    """Text XML 1.0 can hold: characters it forbids (most control characters, lone surrogates) become escapes
+    such as \\x1b; line breaks and tabs stay. ElementTree escapes markup but writes these raw, making the file
+    unreadable to every JUnit consumer."""
+    return "".join(c if c in "\t\n\r" or (c >= " " and not 0xD800 <= ord(c) <= 0xDFFF and c not in "\ufffe\uffff")
+                   else one_line(c) if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)

@@ -31,7 +31,7 @@ from placetune.anatomy import Anatomy
 from placetune.budgets import fit_margins
 from placetune.compare import Comparison, compare, latency_rates
 from placetune.errors import PlacetuneError, read_user_text
-from placetune.escape import one_line
+from placetune.escape import md_cell, one_line
 from placetune.fit import FitUnavailable, fit_params
 from placetune.hardware import Machine, probe_gpus
 from placetune.holdback import held_back
@@ -437,14 +437,9 @@ class ShootoutResult:
                 lat = f"{r.latency_s:.3f}" if r.latency_s else ""
                 vs = r.vs_reference.describe() if r.vs_reference else ("reference" if ref and r.name == ref.name
                                                                          else r.reason[:80])
-                lines.append(f"| {_cell(r.name)} | `{_cell(r.flags)}` | {pp} | {tg} | {lat} | {_cell(vs)} |")
+                lines.append(f"| {md_cell(r.name)} | `{md_cell(r.flags)}` | {pp} | {tg} | {lat} | {md_cell(vs)} |")
             lines.append("")
         return "\n".join(lines)
-
-
-def _cell(text: str) -> str:
-    """A table cell: on one line (outside strings such as a --line name or a pattern), with its pipes escaped."""
-    return one_line(text).replace("|", "\\|")
 
 
 def write(result: ShootoutResult, out: Path, machine_label: str) -> dict[str, Path]:

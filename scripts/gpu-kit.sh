@@ -329,7 +329,7 @@ step_report() {
     if [ ! -f "$RUNS/shootout/DONE" ]; then say "report: waits for run-shootout"; PENDING+=(report); return; fi
     local kit="scripts/gpu-kit.sh run-all \$OUT"
     [ "$DRY" = 1 ] && kit="scripts/gpu-kit.sh --dry-run all"
-    "$HOST_PY" "$HERE/gpukit.py" report --runs "$RUNS" --out "$out" --pack "$PACK" --kit-command "$kit"
+    PYTHONSAFEPATH=1 PYTHONPATH=$SITE "$PY" "$HERE/gpukit.py" report --runs "$RUNS" --out "$out" --pack "$PACK" --kit-command "$kit"
     DONE_STEPS+=(report)
 }
 

