@@ -21,6 +21,7 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from placetune.errors import PlacetuneError
+from placetune.escape import one_line
 
 
 class Group(StrEnum):
@@ -520,6 +521,12 @@ def _header_hash(paths: list[Path], readers: list[_Header]) -> str:
 def read_anatomy(path: str | os.PathLike[str]) -> Anatomy:
     """Read a (possibly sharded) GGUF model's anatomy without loading its weights."""
     first = Path(path)
+    try:
+        str(first).encode("utf-8")
+    except UnicodeEncodeError:
+        # Such a name cannot go into a study, best.json or a UTF-8 script; llama.cpp's own logs mangle it too.
+        raise PlacetuneError(f"model path {one_line(os.fsdecode(first))!r} is not valid UTF-8; rename the file "
+                             "(or link it) to a UTF-8 name") from None
     paths = shard_paths(first) if first.exists() else [first]
     return _anatomy(paths, [_open(p) for p in paths], sum(p.stat().st_size for p in paths))
 

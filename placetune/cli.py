@@ -132,10 +132,14 @@ def bench(
     anatomy = read_anatomy(model)
     if placement_file is not None and ctx.args:
         raise PlacetuneError("give the placement either as --placement FILE or as flags after --, not both")
+    workload_flags = sorted({"-p", "-n", "-r", "-d", "--repetitions", "-m", "--model"} & set(ctx.args))
+    if workload_flags:
+        raise PlacetuneError(f"{', '.join(workload_flags)} after -- would be ignored: the model and the workload are "
+                             "placetune's own options, before --, e.g. placetune bench MODEL -p 4096 -n 64 -- -ngl 99")
     rpc_servers = _rpc_list(rpc)
     placement = load_placement(placement_file) if placement_file else parse_flags(ctx.args, rpc=rpc_servers)
     workload = Workload(prompt_tokens, gen_tokens, depth, reps, warmups, timeout)
-    runner = default_runner(runner)
+    runner = default_runner(runner, llama_bin_dir)
     if any(o.buft != "CPU" for o in placement.overrides):
         from placetune.hardware import probe_machine
         from placetune.placement import check_buffer_types
@@ -173,7 +177,7 @@ def hw(
     from placetune.hardware import probe_machine
     from placetune.views import machine_table
 
-    machine = probe_machine(_rpc_list(rpc), default_runner(runner), llama_bin_dir)
+    machine = probe_machine(_rpc_list(rpc), default_runner(runner, llama_bin_dir), llama_bin_dir)
     if as_json:
         typer.echo(json.dumps(machine.to_dict(), indent=2))
     else:
@@ -227,23 +231,18 @@ def search(
     from placetune.runners import get_runner
     from placetune.runners.base import Workload
     from placetune.search import Search, SearchConfig, serving_for
-    from placetune.search.config import STRATEGIES
     from placetune.search.loop import best_record
     from placetune.space import resolve_space
     from placetune.views import SearchProgress, search_summary
 
-    for flag, value, least in (("--n-trials", n_trials, 1), ("--top-k", top_k, 1), ("--final-rounds", final_rounds, 1),
-                               ("--slots", slots, 1)):
-        if value < least:
-            raise PlacetuneError(f"{flag} must be at least {least}, got {value}")
-    if strategy not in STRATEGIES:
-        raise PlacetuneError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if slots < 1:
+        raise PlacetuneError(f"--slots must be at least 1, got {slots}")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial is reported on the progress line
     anatomy = read_anatomy(model)
     workload = Workload(prompt_tokens, gen_tokens, depth, reps, warmups, trial_timeout)
     serving = serving_for(anatomy, workload, ctx, slots)
     rpc_servers = _rpc_list(rpc)
-    runner = default_runner(runner)
+    runner = default_runner(runner, llama_bin_dir)
     machine = probe_machine(rpc_servers, runner, llama_bin_dir)
     budgets = parse_budgets(budget or [], [d.name for d in machine.llama_devices])
     accelerators = [d.name for d in machine.accelerators]
@@ -253,7 +252,6 @@ def search(
         if "=" not in item:
             raise PlacetuneError(f"--set {item!r}: write it as NAME=VALUE, e.g. --set ubatch=512")
         chosen.pin(*item.split("=", 1))
-    out.mkdir(parents=True, exist_ok=True)
     progress = SearchProgress(console)
     config = SearchConfig(
         model=model.resolve(), anatomy=anatomy, machine=machine, space=chosen, workload=workload, serving=serving,
@@ -263,6 +261,7 @@ def search(
         rpc=rpc_servers, runner_name=runner, bin_dir=llama_bin_dir, heartbeat_s=heartbeat, grace_s=grace,
         allow_mixed_hardware=allow_mixed_hardware, allow_colocated=allow_colocated_workers, on_note=progress.note,
     )
+    out.mkdir(parents=True, exist_ok=True)
     measurer = get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers, reuse=True)
     folder = results_dir(out, model.stem, machine.short_name())
     try:
@@ -349,7 +348,11 @@ def shootout(
     serving = serving_for(anatomy, replace(workload, depth=depths[-1]), ctx)
     rpc_servers = _rpc_list(rpc)
     lines = [so.parse_line(text, rpc_servers) for text in line or []]
-    runner = default_runner(runner)
+    names = [name for name, _ in lines]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise PlacetuneError(f"--line names {', '.join(map(repr, twice))} more than once; give each line its own name")
+    runner = default_runner(runner, llama_bin_dir)
     machine = probe_machine(rpc_servers, runner, llama_bin_dir)
     budgets = parse_budgets(budget or [], [d.name for d in machine.llama_devices])
     for _, placement in lines:
@@ -366,6 +369,7 @@ def shootout(
         journal=folder / so.JOURNAL, resume=resume)
     if best is not None:
         config.winner = ("placetune's winner (best.json)", serving.apply(load_best(best).placement))
+        check_buffer_types(config.winner[1], machine.override_targets)
     elif search_minutes is not None:
         config.winner = _search_for_shootout(config, search_minutes, folder, runner)
 
@@ -549,18 +553,20 @@ def verify(
     """
     from placetune.export import load_result
     from placetune.hardware import probe_machine
+    from placetune.placement import check_buffer_types
     from placetune.verify import comparison_table
     from placetune.verify import verify as run_verify
 
     plan = load_result(result, storage)
-    rpc_servers = _rpc_list(rpc) if rpc else None
-    machine = probe_machine(rpc_servers if rpc_servers is not None else plan.data.get("rpc") or [], "llama-server",
-                            llama_bin_dir)
+    # The plan's own endpoints get the same handshake as --rpc: a silent server is one line, not a hang.
+    endpoints = _rpc_list(rpc or ",".join(plan.data.get("rpc") or []) or None)
+    machine = probe_machine(endpoints, "llama-server", llama_bin_dir)
+    check_buffer_types(plan.placement, machine.override_targets)
 
     def launching(line: str) -> None:
         console.print(f"launching: {line}", highlight=False, markup=False, soft_wrap=True)
 
-    outcome = run_verify(plan, bin_dir=llama_bin_dir, rpc=rpc_servers, timeout_s=timeout, fingerprint=machine.fingerprint(),
+    outcome = run_verify(plan, bin_dir=llama_bin_dir, rpc=endpoints if rpc else None, timeout_s=timeout, fingerprint=machine.fingerprint(),
                          on_launch=launching)
     console.print(comparison_table(outcome))
     for note in outcome.notes:
@@ -610,7 +616,7 @@ def regress(
     if suite is None:
         raise PlacetuneError("give a SUITE (.toml or results folder), or --show CASE / --pin CASE")
     settings = rg.Settings(last=last, baseline=baseline, threshold=threshold, confirm=not no_confirm,
-                           runner=default_runner(runner), bin_dir=llama_bin_dir, rpc=tuple(_rpc_list(rpc)))
+                           runner=default_runner(runner, llama_bin_dir), bin_dir=llama_bin_dir, rpc=tuple(_rpc_list(rpc)))
 
     def progress(case: rg.Case, outcomes: list[rg.Outcome]) -> None:
         console.print(f"{case.name}: " + "; ".join(f"{o.metric} {o.status}" for o in outcomes), highlight=False, markup=False)

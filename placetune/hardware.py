@@ -207,8 +207,9 @@ def rpc_endpoints(text: str | None, timeout_s: float = 3.0) -> list[str]:
     endpoints = [e.strip() for e in text.split(",") if e.strip()]
     for endpoint in endpoints:
         host, sep, port = endpoint.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise PlacetuneError(f"--rpc {endpoint!r}: write it as HOST:PORT, e.g. 127.0.0.1:50052")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise PlacetuneError(f"--rpc {endpoint!r}: write it as HOST:PORT with a port of 1 to 65535, e.g. "
+                                 "127.0.0.1:50052")
         rpc_hello(endpoint, timeout_s)
     return endpoints
 

@@ -34,9 +34,9 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from placetune.compare import FASTER, SLOWER, Comparison, compare
 from placetune.errors import PlacetuneError, read_user_text
-from placetune.escape import one_line
+from placetune.escape import md_cell, one_line, xml_text
 from placetune.hardware import Machine
-from placetune.placement import Placement, parse_flags, render_flags
+from placetune.placement import Placement, check_buffer_types, parse_flags, render_flags
 from placetune.records import one_line_error
 from placetune.results import load_best
 from placetune.runners.base import Measurement, Runner, Stats, Workload
@@ -243,12 +243,15 @@ _PINS = sa.Table(
 def history_url(text: str) -> str:
     """--history as a SQLAlchemy URL: a URL as given, or a file path for SQLite (its folder created)."""
     if "://" not in text:
+        if mask_url(text) != text:
+            raise PlacetuneError(f"--history {mask_url(text)!r} holds a password but no scheme; write the URL in "
+                                 "full, e.g. postgresql://USER:PASSWORD@HOST/DB")
         path = Path(text).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
     try:
         make_url(text)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         raise PlacetuneError(f"--history {mask_url(text)!r} is neither a file path nor a database URL") from None
     if (database := sqlite_file(text)) is not None:
         database.expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -516,6 +519,7 @@ def _run_case(case: Case, history: History, settings: Settings, machine: Machine
         return failed(f"model {case.model} not found; generate or download it, or fix the suite")
     name = case.runner or settings.runner
     try:
+        check_buffer_types(case.placement, machine.override_targets)  # before llama.cpp is launched
         runner = get_runner(name)
     except PlacetuneError as exc:
         return failed(str(exc))
@@ -635,7 +639,7 @@ def markdown(report: Report) -> str:
                        for c in _COLUMNS) + "|",
     ]
     for o in report.outcomes:
-        cells = [one_line(c).replace("|", "\\|") for c in _cells(o)]
+        cells = [md_cell(c) for c in _cells(o)]
         if o.status in (REGRESSION, ERROR):
             cells[7] = f"**{cells[7]}**"
         lines.append("| " + " | ".join(cells) + " |")
@@ -667,6 +671,10 @@ def junit_xml(report: Report) -> ET.ElementTree:
             ET.SubElement(case, "skipped", message=o.message)
         if o.row is not None:
             ET.SubElement(case, "system-out").text = _details(o)
+    for element in root.iter():  # case names, messages and the CPU name come from outside
+        element.attrib = {k: xml_text(v) for k, v in element.attrib.items()}
+        if element.text:
+            element.text = xml_text(element.text)
     ET.indent(root)
     return ET.ElementTree(root)
 

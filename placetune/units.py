@@ -7,7 +7,7 @@ import re
 from placetune.errors import PlacetuneError
 
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-_SIZE = re.compile(r"^\s*([\d.]+)\s*([KMGT]?)(?:i?B)?\s*$", re.I)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.I)
 _FACTORS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 

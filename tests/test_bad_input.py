@@ -110,3 +110,146 @@ def test_shootout_refuses_bad_options(args: list[str], message: str, tiny_moe: P
     proc = run("shootout", str(tiny_moe), "--out", str(tmp_path), *args)
     assert message in one_line(proc)
     assert not (tmp_path / "shootout.journal.jsonl").exists()
+
+
+@pytest.mark.parametrize("url", [
+    SECRET,  # as the positional argument, where a study name or a best.json belongs
+    "postgresql://127.0.0.1:1/x?password=Secret",  # a password in the query string, as libpq takes it
+    "u:Secret@127.0.0.1:1/x",  # typed without its scheme
+    "postgresql://u:Secret@[::1/x",  # a URL SQLAlchemy cannot parse
+])
+@pytest.mark.parametrize("command", [["export", "nosuchstudy", "--storage", "{url}"], ["export", "{url}"],
+                                     ["verify", "{url}"], ["report", "{url}"],
+                                     ["regress", "--show", "c", "--history", "{url}"]])
+def test_no_spelling_of_a_storage_password_is_printed(command: list[str], url: str, tmp_path: Path) -> None:
+    proc = run(*[arg.format(url=url) for arg in command], cwd=tmp_path)
+    one_line(proc)
+    assert "Secret" not in proc.stdout + proc.stderr
+
+
+def test_a_plan_never_carries_a_storage_password(tiny_moe: Path, tmp_path: Path) -> None:
+    """A best.json written by hand or by an older placetune: export --format json and report mask it."""
+    folder = tmp_path / "result"
+    folder.mkdir()
+    (folder / "best.json").write_text(json.dumps({
+        "model": {"path": str(tiny_moe)}, "placement": {"n_gpu_layers": 0}, "workload": {"n_prompt": 16, "n_gen": 4},
+        "study": {"name": "s", "storage": SECRET, "objective": "latency"}}))
+    (folder / "trials.csv").write_text("trial,state,role,name,pp,tg,value,flags\n"
+                                       "0,COMPLETE,search,,10.0,5.0,1.0,-ngl 0\n")
+    proc = run("export", str(folder), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["study"]["storage"] == "postgresql://u:***@127.0.0.1:1/x"
+    proc = run("report", str(folder), "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = "".join(p.read_text(errors="replace") for p in (tmp_path / "report").rglob("*.html"))
+    assert "u:***@" in written and "Secret" not in written + proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(("placement", "message"), [
+    ({"threads": -5}, "threads must be a whole number of 1 or more"),
+    ({"n_gpu_layers": -5}, "n_gpu_layers (-ngl) must be 0 or more"),
+    ({"flash_attn": "maybe"}, "flash_attn takes one of on, off, auto"),
+    ({"tensor_split": ["a"]}, "tensor_split is a list of numbers"),
+    ({"tensor_split": [-1, 2]}, "tensor split (-ts) takes shares of 0 or more"),
+    ({"overrides": [{"type": "raw"}]}, "an override is experts"),
+    ({"overrides": [{"type": "experts", "layers": [-1]}]}, "layer numbers (0 or more)"),
+    ({"repack": "yes"}, "repack are true or false"),
+])
+def test_placement_files_are_checked_value_by_value(placement: dict[str, object], message: str, tiny_moe: Path,
+                                                    tmp_path: Path) -> None:
+    """A placement file or a best.json reaches llama.cpp and every export only with values llama.cpp accepts."""
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps(placement))
+    proc = run("bench", str(tiny_moe), "--placement", str(plan), "-p", "8", "-n", "2", "-r", "1")
+    assert message in one_line(proc)
+    assert "measured by" not in proc.stdout
+    plan.write_text(json.dumps({"model": {"path": str(tiny_moe)}, "placement": placement,
+                                "workload": {"n_prompt": 16, "n_gen": 4}}))
+    for fmt in ("server", "python"):
+        assert message in one_line(run("export", str(plan), "--format", fmt))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--", "-ts", "-1,2"], "tensor split (-ts) takes shares of 0 or more"),
+    (["--", "-ts", "nan,1"], "tensor split (-ts) takes shares of 0 or more"),
+    (["--", "-ts", "0,0"], "not all 0"),
+    (["--", "-p", "4096"], "-p after -- would be ignored"),
+    (["--rpc", "127.0.0.1:99999"], "a port of 1 to 65535"),
+    (["--llama-bin-dir", "/nonexistent"], "the only place looked"),
+    (["--llama-bin-dir", "/nonexistent", "--runner", "embedded"], "the only place looked"),
+    (["--timeout", "nan"], "the timeout must be a positive number"),
+])
+def test_bench_checks_every_option_before_launching(args: list[str], message: str, tiny_moe: Path) -> None:
+    proc = run("bench", str(tiny_moe), *args)
+    assert message in one_line(proc)
+    assert "measured by" not in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--budget", "CPU=1.2.3GiB"], "cannot read size '1.2.3GiB'"),
+    (["--min-pp", "nan"], "--min-pp must be a positive number"),
+    (["--min-pp", "-1"], "--min-pp must be a positive number"),
+    (["--timeout", "-1"], "--timeout must be a positive number"),
+    (["--timeout", "inf"], "--timeout must be a positive number"),
+    (["--grace", "1", "--heartbeat", "5"], "--grace 1 must be longer than --heartbeat 5"),
+    (["--strategy", "bogus"], "--strategy 'bogus'"),
+    (["--objective", "bogus"], "--objective 'bogus'"),
+    (["--set", "threads=4..1"], "threads"),
+    (["--llama-bin-dir", "/nonexistent"], "the only place looked"),
+])
+def test_search_checks_every_option_before_writing(args: list[str], message: str, tiny_moe: Path,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run("search", str(tiny_moe), "--out", str(out), *args)
+    assert message in one_line(proc)
+    assert not out.exists()  # no study, no folder
+
+
+def test_hw_takes_the_named_bin_dir_or_nothing() -> None:
+    assert "the only place looked" in one_line(run("hw", "--llama-bin-dir", "/nonexistent"))
+
+
+def test_a_named_bin_dir_means_its_binaries(tmp_path: Path) -> None:
+    from placetune.runners import default_runner
+
+    assert default_runner(None, tmp_path) == "llama-bench"  # the user's own build, not llama-cpp-python
+    assert default_runner("embedded", tmp_path) == "embedded"
+
+
+def test_a_model_name_that_is_not_utf8_is_one_line(tiny_moe: Path, tmp_path: Path) -> None:
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/m\xff.gguf"))
+    odd.write_bytes(tiny_moe.read_bytes())
+    for command in (["inspect", str(odd)], ["search", str(odd), "--out", str(tmp_path / "out")]):
+        assert "is not valid UTF-8; rename the file" in one_line(run(*command))
+    assert not (tmp_path / "out").exists()
+
+
+def test_shootout_lines_need_their_own_names(tiny_moe: Path, tmp_path: Path) -> None:
+    proc = run("shootout", str(tiny_moe), "--out", str(tmp_path), "--line", "a=-t 1", "--line", "a=-t 2")
+    assert "--line names 'a' more than once" in one_line(proc)
+
+
+def test_regress_and_verify_check_buffer_types_before_launching(tiny_moe: Path, tmp_path: Path) -> None:
+    suite = tmp_path / "suite.toml"
+    suite.write_text(f'[[case]]\nname = "bad"\nmodel = "{tiny_moe}"\nflags = "-ot x=FOO0"\n'
+                     '[case.workload]\nn_prompt = 8\nn_gen = 2\nrepetitions = 1\nwarmups = 0\n')
+    proc = run("regress", str(suite), "--history", str(tmp_path / "h.db"))
+    assert proc.returncode == 2 and "'FOO0' is not one this llama.cpp offers" in proc.stdout + proc.stderr
+    assert "unrecognized buffer type" not in proc.stdout + proc.stderr  # llama.cpp never saw it
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"model": {"path": str(tiny_moe)}, "workload": {"n_prompt": 8, "n_gen": 2},
+                                "placement": {"overrides": [{"type": "raw", "pattern": "x", "buft": "FOO0"}]}}))
+    assert "'FOO0' is not one this llama.cpp offers" in one_line(run("verify", str(best)))
+
+
+def test_junit_holds_outside_strings_as_valid_xml(tmp_path: Path) -> None:
+    """A case name or a message with control characters still gives JUnit XML that CI can read."""
+    import xml.etree.ElementTree as ET
+
+    suite = tmp_path / "suite.toml"
+    suite.write_text('[[case]]\nname = "bad\\u001b[31m\\u0000case"\nmodel = "missing.gguf"\nflags = "-t 1"\n')
+    junit = tmp_path / "junit.xml"
+    proc = run("regress", str(suite), "--history", str(tmp_path / "h.db"), "--junit", str(junit))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    case = ET.parse(junit).getroot().find(".//testcase")
+    assert case is not None and case.get("classname") == "bad\\x1b[31m\\x00case"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -57,3 +58,16 @@ def test_device_probe_has_its_own_deadline(silent_endpoint: str) -> None:
     with pytest.raises(PlacetuneError, match=re.escape(expected)):
         probe_llama([silent_endpoint], timeout_s=2)
     assert time.monotonic() - started < 10
+
+
+def test_verify_says_hello_to_the_plans_own_endpoints(silent_endpoint: str, tiny_moe: Path, tmp_path: Path) -> None:
+    """A best.json names its RPC servers; verify checks them as --rpc is checked, not through a 20 s probe."""
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"model": {"path": str(tiny_moe)}, "placement": {"n_gpu_layers": 0},
+                                "workload": {"n_prompt": 16, "n_gen": 4}, "rpc": [silent_endpoint]}))
+    started = time.monotonic()
+    proc = subprocess.run([*CLI, "verify", str(best)], capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 15
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and silent_endpoint in lines[0] and "did not answer" in lines[0], proc.stderr

@@ -561,3 +561,74 @@ def test_on_two_cards_the_frontier_splits_where_fewest_experts_stay_in_ram() -> 
     assert frontier.place(last, balance=True) == {**last, "split_first": 3, "cpu_moe_layers": 4}
     block = {"split_first": 5, "cpu_moe_position": "block", "cpu_moe_start": 5, "cpu_moe_layers": 0}
     assert frontier.place(block, balance=True) == {**block, "cpu_moe_start": 3, "cpu_moe_layers": 4}
+
+
+def test_a_creator_that_dies_before_queueing_the_baselines_loses_nothing(tiny_moe: Path, tmp_path: Path) -> None:
+    """The creator crashed after describing the study (llama-fit-params can take minutes): any joining worker
+    queues the baselines, each once by name, however many workers do it."""
+    anatomy = read_anatomy(tiny_moe)
+    cfg = config(anatomy, tiny_moe, tmp_path, n_trials=2, study_name="s", allow_colocated=True)
+    Search(cfg, LandscapeRunner(anatomy, cfg.devices))  # made and described the study, queued nothing
+    joiner = Search(cfg, LandscapeRunner(anatomy, cfg.devices))
+    joiner.enqueue_seeds()
+    names = [t.user_attrs.get("name") for t in joiner.study.trials]
+    assert "no offload (-ngl 0)" in names
+    Search(cfg, LandscapeRunner(anatomy, cfg.devices)).enqueue_seeds()
+    again = [t.user_attrs.get("name") for t in joiner.study.get_trials()]
+    assert sorted(again) == sorted(names) and len(set(filter(None, again))) == len(list(filter(None, again)))
+
+
+def test_a_joiner_waits_for_the_study_description_instead_of_refusing(tiny_moe: Path, tmp_path: Path) -> None:
+    """A joiner can find the study between its creation and its description: it waits, then checks all of it."""
+    import threading
+
+    from placetune.search.study import INFO_KEY, StudyInfo, open_study
+
+    anatomy = read_anatomy(tiny_moe)
+    cfg = config(anatomy, tiny_moe, tmp_path, study_name="s")
+    storage = optuna.storages.RDBStorage(cfg.storage)
+    bare = optuna.create_study(study_name="s", storage=storage, directions=["maximize"])
+    describe = threading.Timer(0.5, lambda: bare.set_user_attr(INFO_KEY, StudyInfo.of(cfg).model_dump()))
+    describe.start()
+    study, notes = open_study(cfg, storage, worker_tag="joiner")
+    describe.join()
+    assert study.user_attrs[INFO_KEY]["workload"] == cfg.workload.to_dict() and notes == []
+
+
+def test_workers_are_told_apart_by_a_unique_id_and_machines_by_boot_id() -> None:
+    from placetune.search.workers import Identity
+
+    a, b = Identity(), Identity()
+    assert a.id != b.id  # two containers with one hostname are two workers
+    assert a.same_machine({**b.attrs(), "host": "another-name"})  # one kernel: one machine, whatever the name
+    assert not a.same_machine({**b.attrs(), "boot": "another-boot"})  # same name, another kernel: two machines
+
+
+def test_optuna_is_pinned_to_the_tested_range() -> None:
+    """placetune uses some of Optuna's private APIs (storage internals): a new minor version must be tested first."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    optuna_req = next(Requirement(d) for d in deps if Requirement(d).name == "optuna")
+    assert any(s.operator in ("<", "<=", "~=", "==") for s in optuna_req.specifier)
+    assert md.version("optuna") in optuna_req.specifier
+
+
+def test_a_cpu_budget_binds_llama_fit_params_answer_too(tiny_moe: Path, tmp_path: Path) -> None:
+    """llama-fit-params has no host-memory margin, so its answer meets a CPU budget in placetune's own check."""
+    from placetune.fit import FitAnswer
+    from placetune.search.seeds.fit import LlamaFitParams
+
+    anatomy = read_anatomy(tiny_moe)
+    answer = FitAnswer(Placement(n_gpu_layers=0), "-ngl 0")  # everything in RAM
+    cfg = config(anatomy, tiny_moe, tmp_path, n_trials=1, budgets={"CPU": 64 * 1024},
+                 seed_sources=[LlamaFitParams(answer)])
+    search = Search(cfg, LandscapeRunner(anatomy, cfg.devices))
+    search.enqueue_seeds()
+    search.run()
+    fit = next(t for t in search.study.trials if t.user_attrs.get("name") == "llama-fit-params for the budget")
+    assert fit.state.name == "PRUNED" and "CPU" in fit.user_attrs["reason"]
+    assert "predicted not to fit" in fit.user_attrs["reason"]

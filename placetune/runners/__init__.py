@@ -16,13 +16,21 @@ from placetune.runners.base import Runner
 RUNNERS = ("embedded", "llama-bench", "llama-server")
 
 
-def default_runner(name: str | None) -> str:
-    """The runner named, else the embedded one where llama-cpp-python is installed, else llama-bench (a machine
-    with only its own llama.cpp build)."""
+def default_runner(name: str | None, bin_dir: str | Path | None = None) -> str:
+    """The runner named, else llama-bench when --llama-bin-dir names the user's own build, else the embedded one
+    where llama-cpp-python is installed, else llama-bench (a machine with only its own llama.cpp build).
+
+    A named --llama-bin-dir must exist whatever the runner: it is the only place binaries are looked for.
+    """
+    if bin_dir is not None and not Path(bin_dir).expanduser().is_dir():
+        raise PlacetuneError(f"--llama-bin-dir {bin_dir}: no such folder; point it at the folder holding your "
+                             "llama.cpp build's binaries (e.g. llama.cpp/build/bin); it is the only place looked")
     if name is not None:
         if name not in RUNNERS:
             raise PlacetuneError(f"unknown runner {name!r}; choose one of {', '.join(RUNNERS)}")
         return name
+    if bin_dir is not None:
+        return "llama-bench"
     return "embedded" if importlib.util.find_spec("llama_cpp") is not None else "llama-bench"
 
 

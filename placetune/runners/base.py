@@ -6,6 +6,7 @@ numbers came from embedded llama.cpp, llama-bench or llama-server.
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 import statistics
@@ -39,7 +40,7 @@ class Workload:
                 raise PlacetuneError(f"{flag} must be a whole number >= {least}, got {value!r}")
         if not self.n_prompt and not self.n_gen:
             raise PlacetuneError("-p and -n are both 0: nothing to measure; give a prompt or a generation length")
-        if not self.timeout_s > 0:
+        if not 0 < self.timeout_s < math.inf:
             raise PlacetuneError(f"the timeout must be a positive number of seconds, got {self.timeout_s!r}")
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -13,7 +14,8 @@ from placetune.hardware import Machine
 from placetune.memory import DEFAULT_MARGIN
 from placetune.placement import Placement
 from placetune.runners.base import Workload
-from placetune.space import SearchSpace, to_placement
+from placetune.search.objective import check_objective
+from placetune.space import SearchSpace, facts_for, to_placement
 
 KNOB_PARAMS = ("threads", "batch", "ubatch", "flash_attn", "cache_type_k", "cache_type_v", "load_mode",
                "no_op_offload", "repack")
@@ -103,6 +105,28 @@ class SearchConfig:
     bandwidths: dict[str, Any] | None = None
     seed_sources: Sequence[Any] | None = None
     on_note: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        """Options are checked before a study or a folder is written, so a typo costs nothing."""
+        check_objective(self.objective)
+        if self.strategy not in STRATEGIES:
+            raise PlacetuneError(f"--strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        for flag, value in (("--n-trials", self.n_trials), ("--top-k", self.top_k),
+                            ("--final-rounds", self.final_rounds), ("--heartbeat", self.heartbeat_s)):
+            if value < 1:
+                raise PlacetuneError(f"{flag} must be at least 1, got {value}")
+        for flag, number in (("--timeout", self.timeout_s), ("--min-pp", self.min_pp)):
+            if number is not None and not 0 < number < math.inf:
+                raise PlacetuneError(f"{flag} must be a positive number, got {number!r}")
+        if self.grace_s is not None and self.grace_s <= self.heartbeat_s:
+            raise PlacetuneError(f"--grace {self.grace_s} must be longer than --heartbeat {self.heartbeat_s}: a "
+                                 "live worker's trial would be taken for dead between two heartbeats")
+        self.space.check(self.facts)
+
+    @property
+    def facts(self) -> dict[str, int]:
+        """What the space's bounds may name on this model and machine (layers, cores, ...)."""
+        return facts_for(self.anatomy, self.machine.physical_cores)
 
     @property
     def grace(self) -> int:

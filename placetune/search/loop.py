@@ -33,7 +33,7 @@ from placetune.memory import DeviceNeed, FitVerdict, LoadedEvidence, MarginFeedb
 from placetune.placement import Placement, render_flags, render_server_command
 from placetune.results import BestRecord
 from placetune.runners.base import Measurement, Runner, Stats
-from placetune.search.config import STRATEGIES, SearchConfig
+from placetune.search.config import SearchConfig
 from placetune.search.finals import (
     FIRST_ROUND_WIDTH,
     SEARCH,
@@ -44,12 +44,11 @@ from placetune.search.finals import (
     pareto_front,
     run_rounds,
 )
-from placetune.search.objective import check_objective, objective_value, speed_samples
+from placetune.search.objective import objective_value, speed_samples
 from placetune.search.seeds import BASELINE, CANDIDATE, Seed, SeedContext, standard_sources
 from placetune.search.staged import Walk, ubatch_sizes
 from placetune.search.study import open_storage, open_study
 from placetune.search.workers import Workers, counted, retried_numbers
-from placetune.space import facts_for
 from placetune.storage import mask_url
 from placetune.units import human_bytes
 
@@ -64,14 +63,10 @@ class Search:
 
     def __init__(self, config: SearchConfig, runner: Runner,
                  on_trial: Callable[[FrozenTrial, Search], None] | None = None) -> None:
-        check_objective(config.objective)
-        if config.strategy not in STRATEGIES:
-            raise PlacetuneError(f"search strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}")
         self.config = config
         self.runner = runner
         self.on_trial = on_trial
-        self.facts = facts_for(config.anatomy, config.machine.physical_cores)
-        config.space.check(self.facts)
+        self.facts = config.facts
         self.stop_requested = False
         self.repeats = 0  # placements proposed again in a row
         self.final_field: list[Contender] = []
