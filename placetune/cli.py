@@ -82,7 +82,7 @@ def synth(
     console.print(f"wrote {path} ({human_bytes(path.stat().st_size)})")
 
 
-RunnerOpt = Annotated[str | None, typer.Option("--runner", help="embedded (llama-cpp-python), llama-bench or llama-server (default: embedded if llama-cpp-python is installed, else llama-bench).")]
+RunnerOpt = Annotated[str | None, typer.Option("--runner", help="embedded (llama-cpp-python), llama-bench or llama-server (default: llama-bench with --llama-bin-dir or without llama-cpp-python, else embedded).")]
 BinDirOpt = Annotated[Path | None, typer.Option("--llama-bin-dir", help="Directory holding llama-bench/llama-server.")]
 RpcOpt = Annotated[str | None, typer.Option("--rpc", help="RPC servers HOST:PORT[,HOST:PORT] (devices RPC0, ...).")]
 PromptOpt = Annotated[int, typer.Option("--prompt-tokens", "-p", help="Prompt tokens per pp test.")]
