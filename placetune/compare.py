@@ -52,7 +52,8 @@ class Comparison:
         """'1.23x [1.10, 1.38] faster', or 'not distinguishable' with the interval."""
         if not math.isfinite(self.low) or not math.isfinite(self.high):
             return f"{self.ratio:.2f}x, {self.verdict} (too few samples)"
-        return f"{self.ratio:.2f}x [{self.low:.2f}, {self.high:.2f}] {self.verdict}"
+        level = "" if math.isclose(self.confidence, CONFIDENCE) else f" ({self.confidence:.1%} interval)"
+        return f"{self.ratio:.2f}x [{self.low:.2f}, {self.high:.2f}] {self.verdict}{level}"
 
 
 def compare(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Comparison:
@@ -73,6 +74,45 @@ def compare(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDEN
     low, high = math.exp(float(interval.low)), math.exp(float(interval.high))
     verdict = FASTER if low > 1 else SLOWER if high < 1 else SAME
     return Comparison(ratio, low, high, verdict, confidence, len(la), len(lb))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One rate from its samples: the geometric mean and its confidence interval (how sure the figure is)."""
+
+    center: float
+    low: float
+    high: float
+    n: int
+
+    def describe(self, digits: int = 1) -> str:
+        """'1880.0 [1862.1, 1898.0]'; the bounds are left out with fewer than two samples."""
+        if not self.n:
+            return "no samples"
+        if self.n < 2:
+            return f"{self.center:.{digits}f} (one sample)"
+        return f"{self.center:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+    def inverse(self) -> Estimate:
+        """The estimate of 1/x (seconds per request from requests per second): the interval turns round."""
+        if self.n < 2:
+            return Estimate(1 / self.center if self.n else math.nan, self.low, self.high, self.n)
+        return Estimate(1 / self.center, 1 / self.high, 1 / self.low, self.n)
+
+
+def estimate(samples: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
+    """The geometric mean of positive rate samples with Student's t interval on their logs, like `compare`."""
+    logs = np.log(np.asarray([x for x in samples if x > 0], dtype=float))
+    if not len(logs):
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    center = math.exp(float(logs.mean()))
+    if len(logs) < 2:
+        return Estimate(center, -math.inf, math.inf, 1)
+    sem = float(logs.std(ddof=1)) / math.sqrt(len(logs))
+    if sem == 0:
+        return Estimate(center, center, center, len(logs))
+    low, high = stats.t.interval(confidence, len(logs) - 1, loc=float(logs.mean()), scale=sem)
+    return Estimate(center, math.exp(float(low)), math.exp(float(high)), len(logs))
 
 
 def corrected_confidence(n_comparisons: int, confidence: float = CONFIDENCE) -> float:

@@ -21,7 +21,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from placetune.anatomy import Anatomy
 from placetune.budgets import fit_margins
-from placetune.compare import Comparison, compare, latency_rates
+from placetune.compare import Comparison, Estimate, compare, estimate, latency_rates
 from placetune.errors import PlacetuneError, read_user_text
 from placetune.escape import md_cell, one_line
 from placetune.fit import FitUnavailable, fit_params
@@ -57,6 +57,7 @@ class Entry:
     placement: Placement | None
     source: str
     fit_on: bool = False
+    by_llama_cpp: bool = False  # llama.cpp's own answer: judged by what it allocates, not by placetune's model
     status: str = "ok"
     reason: str = ""
     runs: dict[int, list[Measurement]] = field(default_factory=dict)  # depth -> final-round measurements
@@ -66,6 +67,10 @@ class Entry:
         return "(-c only; llama.cpp places the tensors)" if self.fit_on else render_flags(self.placement or Placement())
 
     def samples(self, depth: int, metric: str) -> list[float]:
+        """Its speed samples at a depth; none once it failed or went over a budget anywhere (a contender that
+        needed more memory than the others had is not a result, whatever it measured before that showed)."""
+        if self.status != "ok":
+            return []
         return [x for m in self.runs.get(depth, []) if m.ok for x in getattr(m, metric).samples]
 
 
@@ -160,7 +165,8 @@ def contenders(c: ShootoutConfig, measure_once: Callable[[Placement], Measuremen
         notes.append("no accelerator here: every contender keeps everything on the CPU, so placement barely "
                      "matters and the rows differ by knobs and noise")
     if c.fit_runner is not None:
-        entries.append(Entry(OUT_OF_THE_BOX, c.serving.apply(Placement()), "llama.cpp's own --fit", fit_on=True))
+        entries.append(Entry(OUT_OF_THE_BOX, c.serving.apply(Placement()), "llama.cpp's own --fit", fit_on=True,
+                             by_llama_cpp=True))
     elif c.devices:
         notes.append("the embedded runner cannot run --fit; llama-fit-params' answer below is what it places")
     if c.devices:
@@ -168,7 +174,7 @@ def contenders(c: ShootoutConfig, measure_once: Callable[[Placement], Measuremen
             answer = fit_params(c.model, fit_params_margins(c, held or set()), c.serving.ctx, 1,
                                 rpc=c.rpc, bin_dir=c.bin_dir)
             entries.append(Entry("llama-fit-params' answer", c.serving.apply(answer.placement),
-                                 f"printed: {answer.line}"))
+                                 f"printed: {answer.line}", by_llama_cpp=True))
         except FitUnavailable as exc:
             notes.append(f"no llama-fit-params row: {exc}")
         if moe_layers(c.anatomy):
@@ -317,6 +323,11 @@ def run(c: ShootoutConfig, on_progress: Callable[[str], None] | None = None) -> 
             return m
 
         entries = contenders(c, measure_once, notes, held)
+        for e in entries:  # a fixed line the memory model says cannot fit is not given more memory
+            if not e.by_llama_cpp and e.placement is not None:
+                ok, why = fits(c, e.placement)
+                if not ok:
+                    e.status, e.reason = "does not fit", f"predicted not to fit: {why}"
         for depth in c.depths:
             w = c.at_depth(depth)
             for r in range(c.rounds):
@@ -354,11 +365,13 @@ class Row:
     tg: Stats | None
     latency_s: float | None
     vs_reference: Comparison | None
+    intervals: dict[str, Estimate] = field(default_factory=dict)  # pp, tg (t/s) and latency (s), 95%
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "flags": self.flags, "source": self.source, "status": self.status,
                 "reason": self.reason, "pp": self.pp.to_dict() if self.pp else None,
                 "tg": self.tg.to_dict() if self.tg else None, "latency_s": self.latency_s,
+                "intervals": {k: asdict(v) for k, v in self.intervals.items()},
                 "vs_reference": self.vs_reference.to_dict() if self.vs_reference else None}
 
 
@@ -388,9 +401,11 @@ class ShootoutResult:
             pp, tg = e.samples(depth, "pp"), e.samples(depth, "tg")
             rates = self._rates(e, depth)
             vs = compare(self._rates(ref, depth), rates) if ref is not None and rates and e is not ref else None
+            intervals = {k: v for k, v in (("pp", estimate(pp)), ("tg", estimate(tg)),
+                                           ("latency", estimate(rates).inverse())) if v.n}
             out.append(Row(e.name, e.flags, e.source, e.status, e.reason,
                            Stats(tuple(pp), w.n_prompt) if pp else None, Stats(tuple(tg), w.n_gen) if tg else None,
-                           1 / float(np.median(rates)) if rates else None, vs))
+                           1 / float(np.median(rates)) if rates else None, vs, intervals))
         return out
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -399,6 +414,7 @@ class ShootoutResult:
             for depth, runs in e.runs.items():
                 for i, m in enumerate(runs):
                     yield {"contender": e.name, "source": e.source, "flags": e.flags, "depth": depth, "round": i + 1,
+                           "contender_status": e.status, "contender_reason": e.reason,
                            "runner": m.runner, "status": m.status, "reason": m.reason,
                            "pp_samples": list(m.pp.samples), "tg_samples": list(m.tg.samples),
                            "command": m.command, "build": m.build.get("id"), "reported": m.reported}
@@ -413,7 +429,7 @@ class ShootoutResult:
                             "rows": [r.to_dict() for r in self.rows(d)]} for d in c.depths]}
 
     def markdown(self, machine_label: str) -> str:
-        """shootout.md: one table per depth, every figure with its spread, every ratio with its interval."""
+        """shootout.md: one table per depth, every figure and every ratio with its 95% interval."""
         c = self.config
         w = c.workload
         lines = [f"# placetune shootout: {one_line(c.model.name)}", "",
@@ -428,18 +444,26 @@ class ShootoutResult:
                       f"Ratios are {one_line(ref.name) if ref else 'the reference'}'s requests per second over each "
                       "row's, "
                       "with the 95% interval (placetune.compare): 'faster' means the reference is faster than that "
-                      "row beyond the noise.", "",
+                      "row beyond the noise. Each speed is the geometric mean of its samples with its 95% interval.",
+                      "",
                       "| contender | flags | pp t/s | tg t/s | s per request | reference/this |",
                       "|---|---|---:|---:|---:|---|"]
             for r in self.rows(depth):
-                pp = f"{r.pp.median:.1f} ±{r.pp.spread:.1%}" if r.pp else r.status
-                tg = f"{r.tg.median:.1f} ±{r.tg.spread:.1%}" if r.tg else ""
-                lat = f"{r.latency_s:.3f}" if r.latency_s else ""
+                pp = r.intervals["pp"].describe() if "pp" in r.intervals else r.status
+                tg = r.intervals["tg"].describe() if "tg" in r.intervals else ""
+                lat = r.intervals["latency"].describe(_digits(r.latency_s)) if "latency" in r.intervals else ""
                 vs = r.vs_reference.describe() if r.vs_reference else ("reference" if ref and r.name == ref.name
-                                                                         else r.reason[:80])
+                                                                         else r.reason)
                 lines.append(f"| {md_cell(r.name)} | `{md_cell(r.flags)}` | {pp} | {tg} | {lat} | {md_cell(vs)} |")
             lines.append("")
         return "\n".join(lines)
+
+
+def _digits(seconds: float | None) -> int:
+    """Decimals that show a request time to about three significant figures (0.002 s on a tiny model)."""
+    if not seconds or not math.isfinite(seconds) or seconds <= 0:
+        return 3
+    return max(1, 2 - math.floor(math.log10(seconds)))
 
 
 def write(result: ShootoutResult, out: Path, machine_label: str) -> dict[str, Path]:

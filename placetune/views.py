@@ -256,7 +256,7 @@ def _ratio_cell(c: dict[str, Any] | None) -> str:
     if not (math.isfinite(low) and math.isfinite(high)):
         return f"{ratio:.2f}x (too few samples)"
     verdict = {"faster": "winner faster", "slower": "winner slower"}.get(c["verdict"], "within noise")
-    return f"{ratio:.2f}x [{low:.2f}-{high:.2f}] {verdict}"
+    return f"{ratio:.2f}x [{low:.2f}, {high:.2f}] {verdict}"
 
 
 def search_summary(record: BestRecord, console: Console) -> None:

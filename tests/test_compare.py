@@ -52,3 +52,20 @@ def test_bonferroni_and_screening_and_latency() -> None:
     assert not clearly_worse(92.0, [100.0, 101.0, 99.0], margin=0.10)
     assert not clearly_worse(80.0, [100.0, 130.0, 75.0], margin=0.10)  # a noisy best screens nothing out
     assert latency_rates([100.0], [10.0], 100, 10) == [pytest.approx(0.5)]  # 1 s + 1 s per request
+
+
+def test_a_figure_carries_its_interval() -> None:
+    from placetune.compare import estimate
+
+    e = estimate([100.0, 110.0, 90.0, 105.0])
+    assert e.low < e.center < e.high and e.n == 4
+    assert math.isclose(e.center, math.exp(sum(map(math.log, (100.0, 110.0, 90.0, 105.0))) / 4))
+    seconds = e.inverse()  # requests per second -> seconds per request: the bounds turn round
+    assert math.isclose(seconds.low, 1 / e.high) and math.isclose(seconds.high, 1 / e.low)
+    assert estimate([5.0]).describe() == "5.0 (one sample)" and estimate([]).describe() == "no samples"
+    assert estimate([3.0, 3.0]).describe() == "3.0 [3.0, 3.0]"  # exact figures (a simulation)
+
+
+def test_a_wider_interval_says_its_level() -> None:
+    assert "(98.3% interval)" in compare([2.0, 2.1, 1.9], [1.0, 1.1, 0.9], confidence=1 - 0.05 / 3).describe()
+    assert "interval)" not in compare([2.0, 2.1, 1.9], [1.0, 1.1, 0.9]).describe()

@@ -87,3 +87,24 @@ def test_a_budget_that_cannot_be_held_is_checked_against_what_llama_cpp_allocate
     assert "11.00 MiB on RPC0, over its 10.00 MiB budget" in over_budget(config, m, held=set())
     assert over_budget(config, m, held={"RPC0"}) == ""
     assert parse_flags("-ngl 99 --n-cpu-moe 1").overrides  # the --line spelling is llama-server's
+
+
+def test_a_contender_over_its_budget_shows_no_speed(tiny_moe: Path, rpc_server: str, tmp_path: Path) -> None:
+    """On a device that cannot be held back, a line the memory model says cannot fit is never run, and one that
+    allocated more than the budget is reported as not fitting: its speeds are not results at any depth."""
+    proc = shootout(str(tiny_moe), "--rpc", rpc_server, "--runner", "llama-bench", "--budget", "RPC0=1MiB",
+                    "--depth", "0,32", "--line", "all on RPC0=-ngl 99 --no-repack", "--out", str(tmp_path), *SHORT)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    summary = json.loads((tmp_path / "shootout.json").read_text())
+    for depth in summary["depths"]:
+        rows = {r["name"]: r for r in depth["rows"]}
+        line = rows["all on RPC0"]
+        assert line["status"] == "does not fit" and "predicted not to fit" in line["reason"]
+        for row in rows.values():
+            if row["status"] != "ok":
+                assert row["pp"] is None and row["intervals"] == {} and row["vs_reference"] is None
+    records = [json.loads(x) for x in (tmp_path / "shootout.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["contender"] == "all on RPC0"]  # never launched
+    md = (tmp_path / "shootout.md").read_text()
+    row = next(x for x in md.splitlines() if x.startswith("| all on RPC0 |"))
+    assert "| does not fit |" in row

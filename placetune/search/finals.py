@@ -165,10 +165,12 @@ def decide(contenders: Sequence[Contender], objective: str, workload: Workload, 
                          confidence)
         beat = versus.verdict == FASTER
         winner = best_candidate if beat else best_baseline
+        # The table's rows are 95% intervals; this one is wider when several trials ran for the title.
+        wider = f", widened for the {len(candidates)} trials in the final round" if len(candidates) > 1 else ""
         if beat:
-            message = f"{best_candidate.name} beats {best_baseline.name}: {versus.describe()}"
+            message = f"{best_candidate.name} beats {best_baseline.name}: {versus.describe()}{wider}"
         else:
-            message = (f"nothing beat {best_baseline.name} beyond the noise (best trial: {versus.describe()}); "
+            message = (f"nothing beat {best_baseline.name} beyond the noise (best trial: {versus.describe()}{wider}); "
                        "it is the placement to use")
         if not beat and versus.ratio > 1 and versus.half_width > NOISY_SPREAD:
             noise = (f"the measurements are too noisy to separate {best_candidate.name} from {best_baseline.name} "
