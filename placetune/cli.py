@@ -248,10 +248,7 @@ def search(
     accelerators = [d.name for d in machine.accelerators]
     chosen = resolve_space(space, anatomy, accelerators)
     space_notes = chosen.for_devices(accelerators)
-    for item in set_ or []:
-        if "=" not in item:
-            raise PlacetuneError(f"--set {item!r}: write it as NAME=VALUE, e.g. --set ubatch=512")
-        chosen.pin(*item.split("=", 1))
+    _pin(chosen, set_ or [])
     progress = SearchProgress(console)
     config = SearchConfig(
         model=model.resolve(), anatomy=anatomy, machine=machine, space=chosen, workload=workload, serving=serving,
@@ -304,6 +301,7 @@ def shootout(
     best: Annotated[Path | None, typer.Option("--best", help="placetune's winner from this best.json (or results folder).")] = None,
     search_minutes: Annotated[float | None, typer.Option("--search-minutes", help="Run placetune's search here for this long and use its winner.")] = None,
     line: Annotated[list[str] | None, typer.Option("--line", help="Your own contender: NAME='FLAGS' (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Pin a parameter of the --search-minutes search, e.g. --set repack=false (repeatable).")] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds per depth.")] = 2,
     ctx: Annotated[int | None, typer.Option("--ctx", "-c", help="Serving context (default: covers the largest depth).")] = None,
     prompt_tokens: PromptOpt = 512,
@@ -323,7 +321,7 @@ def shootout(
     Every measurement is journaled as it is taken: after a stop, add --resume to go on where it stopped."""
     from placetune import shootout as so
     from placetune.anatomy import read_anatomy
-    from placetune.budgets import MIB, parse_budgets
+    from placetune.budgets import parse_budgets
     from placetune.hardware import probe_machine
     from placetune.placement import check_buffer_types
     from placetune.results import load_best
@@ -343,6 +341,9 @@ def shootout(
         raise PlacetuneError("give placetune's winner either as --best or by --search-minutes, not both")
     if search_minutes is not None and not search_minutes > 0:
         raise PlacetuneError(f"--search-minutes must be more than 0, got {search_minutes:g}")
+    if set_ and search_minutes is None:
+        raise PlacetuneError("--set pins a parameter of the search that --search-minutes runs; give --search-minutes, "
+                             "or write the knob into a --line")
     anatomy = read_anatomy(model)
     workload = Workload(prompt_tokens, gen_tokens, 0, reps, warmups, timeout)
     serving = serving_for(anatomy, replace(workload, depth=depths[-1]), ctx)
@@ -358,20 +359,18 @@ def shootout(
     for _, placement in lines:
         check_buffer_types(placement, machine.override_targets)
     folder = out if out != Path() else Path("results") / "shootout" / model.stem
-    held = {f"CUDA{g.index}" for g in machine.gpus}
-    margin = next((-(-(d.free_bytes - budgets[d.name]) // MIB) for d in machine.accelerators
-                   if d.name in budgets and d.name not in held), None)
+    margins = so.fit_params_margins(machine, budgets, so.held_devices(machine, budgets))
     config = so.ShootoutConfig(
         model=model.resolve(), anatomy=anatomy, machine=machine, workload=workload, depths=depths, serving=serving,
         runner=get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers),
-        fit_runner=get_fit_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers, margin_mib=margin),
+        fit_runner=get_fit_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers, margins_mib=margins),
         budgets=budgets, rpc=rpc_servers, bin_dir=llama_bin_dir, rounds=rounds, lines=lines,
         journal=folder / so.JOURNAL, resume=resume)
     if best is not None:
         config.winner = ("placetune's winner (best.json)", serving.apply(load_best(best).placement))
         check_buffer_types(config.winner[1], machine.override_targets)
     elif search_minutes is not None:
-        config.winner = _search_for_shootout(config, search_minutes, folder, runner)
+        config.winner = _search_for_shootout(config, search_minutes, folder, runner, set_ or [])
 
     def say(text: str) -> None:
         console.print(text, highlight=False, markup=False)
@@ -385,17 +384,27 @@ def shootout(
         console.print(f"{kind:>8}: {path}", highlight=False, markup=False)
 
 
-def _space_for(anatomy: Any, machine: Any) -> Any:
-    """The default search space for this model on this machine's accelerators."""
+def _pin(space: Any, items: list[str]) -> None:
+    """--set NAME=VALUE pins, each checked by the space itself."""
+    for item in items:
+        if "=" not in item:
+            raise PlacetuneError(f"--set {item!r}: write it as NAME=VALUE, e.g. --set ubatch=512")
+        space.pin(*item.split("=", 1))
+
+
+def _space_for(anatomy: Any, machine: Any, pins: list[str]) -> Any:
+    """The default search space for this model on this machine's accelerators, with the user's pins."""
     from placetune.space import resolve_space
 
     accelerators = [d.name for d in machine.accelerators]
     space = resolve_space(None, anatomy, accelerators)
     space.for_devices(accelerators)
+    _pin(space, pins)
     return space
 
 
-def _search_for_shootout(config: Any, minutes: float, folder: Path, runner_name: str) -> tuple[str, Any]:
+def _search_for_shootout(config: Any, minutes: float, folder: Path, runner_name: str,
+                         pins: list[str]) -> tuple[str, Any]:
     """Run placetune's search on the shootout's model, memory and serving context; its winner's name and placement."""
     import optuna
 
@@ -408,7 +417,7 @@ def _search_for_shootout(config: Any, minutes: float, folder: Path, runner_name:
     measurer = get_runner(runner_name, bin_dir=config.bin_dir, rpc=config.rpc, reuse=True)
     search_config = SearchConfig(
         model=config.model, anatomy=config.anatomy, machine=config.machine,
-        space=_space_for(config.anatomy, config.machine),
+        space=_space_for(config.anatomy, config.machine, pins),
         workload=config.workload, serving=config.serving, n_trials=10_000, timeout_s=minutes * 60,
         storage=f"sqlite:///{folder / 'search.db'}", budgets=config.budgets, rpc=config.rpc, runner_name=runner_name,
         bin_dir=config.bin_dir)
@@ -536,7 +545,11 @@ def export(
     from placetune.export import export as render
     from placetune.export import load_result
 
-    typer.echo(render(load_result(result, storage), fmt, host=host, port=port))
+    plan = load_result(result, storage)
+    if plan.record.decision is None:  # no final round behind it: say what it is, beside the pasteable output
+        for note in plan.record.notes:
+            err_console.print(f"note: {one_line(note)}", highlight=False, markup=False, soft_wrap=True)
+    typer.echo(render(plan, fmt, host=host, port=port))
 
 
 @app.command()
@@ -566,8 +579,8 @@ def verify(
     def launching(line: str) -> None:
         console.print(f"launching: {line}", highlight=False, markup=False, soft_wrap=True)
 
-    outcome = run_verify(plan, bin_dir=llama_bin_dir, rpc=endpoints if rpc else None, timeout_s=timeout, fingerprint=machine.fingerprint(),
-                         on_launch=launching)
+    outcome = run_verify(plan, bin_dir=llama_bin_dir, rpc=endpoints if rpc else None, timeout_s=timeout,
+                         hardware=machine.hardware_fingerprint(), on_launch=launching)
     console.print(comparison_table(outcome))
     for note in outcome.notes:
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)

@@ -28,7 +28,7 @@ from placetune.placement import (
     render_server_command,
     shell_line,
 )
-from placetune.results import BestPlan, load_best
+from placetune.results import BEST_KEY, BestPlan, load_best
 from placetune.runners.base import Stats, Workload
 from placetune.runners.llama_bench import NO_WARMUP
 from placetune.storage import DEFAULT_STORAGE, load_existing_study, mask_url
@@ -52,9 +52,10 @@ def load_result(result: str, storage: str | None = None) -> BestPlan:
 
 
 def plan_from_study(name: str, storage: str) -> BestPlan:
-    """A best.json-like plan from a study's best measured trial and the study's own description.
+    """The study's own copy of its best.json: the winner its final round named, only beyond the noise.
 
-    This is the trial as the search measured it; best.json also carries the final round and its decision.
+    A study whose search has not reached its final round yet (stopped, or still running elsewhere) gives its
+    best measured trial instead, and the plan's notes say so.
     """
     import optuna
 
@@ -62,6 +63,9 @@ def plan_from_study(name: str, storage: str) -> BestPlan:
     from placetune.search.study import read_info
 
     study = load_existing_study(storage, name)
+    stored = study.user_attrs.get(BEST_KEY)
+    if isinstance(stored, dict):
+        return BestPlan(stored, f"study {name!r}")
     info = read_info(study)
     if info is None:
         raise PlacetuneError(f"study {name!r} in {mask_url(storage)} was not made by this placetune")
@@ -101,6 +105,8 @@ def plan_from_study(name: str, storage: str) -> BestPlan:
         "measurement": {"runner": info.runner, "status": ua.get("status", "ok"),
                         "pp": pp.to_dict(), "tg": tg.to_dict(), "build": ua.get("build", {})},
         "objective_value": latency(best),
+        "notes": [f"study {name!r} has no final round yet: this is its best search trial (trial {best.number}), "
+                  "not a winner named beyond the noise; run the search to its end for that"],
     }, f"study {name!r}")
 
 

@@ -81,17 +81,24 @@ class Machine:
         """What an -ot rule may name here: each device's name and its buffer type name."""
         return [name for d in self.llama_devices for name in (d.name, d.buffer_type)]
 
-    def fingerprint(self) -> str:
-        """Short stable hash of the hardware and the llama.cpp build (no hostname, no free memory)."""
-        stable = {
+    def _hardware(self) -> dict[str, Any]:
+        return {
             "cpu": self.cpu_model,
             "cores": [self.physical_cores, self.logical_cores],
             "ram_gib": round(self.ram_total_bytes / 2**30),
             "gpus": [(g.name, round(g.total_bytes / 2**30)) for g in self.gpus],
             "devices": [(d.name, d.description) for d in self.llama_devices],
-            "llama": self.llama_build.get("id") or {k: v for k, v in self.llama_build.items() if k != "system_info"},
         }
-        return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:12]
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the hardware and the llama.cpp build (no hostname, no free memory)."""
+        llama = self.llama_build.get("id") or {k: v for k, v in self.llama_build.items() if k != "system_info"}
+        return _digest({**self._hardware(), "llama": llama})
+
+    def hardware_fingerprint(self) -> str:
+        """The hardware alone: each runner runs its own build, so one machine has a fingerprint per runner, and
+        comparing runners (verify) asks only whether the hardware is the same."""
+        return _digest(self._hardware())
 
     def short_name(self) -> str:
         """A folder-friendly name: CPU (or first GPU) plus the fingerprint."""
@@ -104,16 +111,21 @@ class Machine:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["fingerprint"] = self.fingerprint()
+        d["hardware_fingerprint"] = self.hardware_fingerprint()
         for g, gd in zip(self.gpus, d["gpus"], strict=True):
             gd["bandwidth_gbs"] = g.bandwidth_gbs
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Machine:
-        d = {k: v for k, v in d.items() if k != "fingerprint"}
+        d = {k: v for k, v in d.items() if k not in ("fingerprint", "hardware_fingerprint")}
         d["gpus"] = [Gpu(**{k: v for k, v in g.items() if k != "bandwidth_gbs"}) for g in d.get("gpus", [])]
         d["llama_devices"] = [LlamaDevice(**x) for x in d.get("llama_devices", [])]
         return cls(**d)
+
+
+def _digest(stable: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cpu_model() -> str:

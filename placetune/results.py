@@ -61,6 +61,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 
 
 SCHEMA_VERSION = 2
+BEST_KEY = "placetune_best"  # the study's copy of its latest best.json
 
 
 class ModelRef(BaseModel):
@@ -162,6 +163,8 @@ def write_results(out_dir: Path, study: optuna.Study, best: BestRecord | None) -
         return {"trials": paths["trials"]}
     best = best.model_copy(update={"created": datetime.now(UTC).isoformat(timespec="seconds")})
     paths["best"].write_text(best.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    # The study keeps the decision too, so `export STUDY` gives the final round's winner, not a search-phase trial.
+    study.set_user_attr(BEST_KEY, best.model_dump(mode="json"))
     paths["script"].write_text(best_script(best), encoding="utf-8")
     paths["script"].chmod(0o755)
     return paths

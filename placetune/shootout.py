@@ -144,14 +144,22 @@ def latency_s(m: Measurement, w: Workload) -> float:
     return 1 / float(np.median(rates)) if rates else math.inf
 
 
-def fit_params_margins(c: ShootoutConfig, held: set[str]) -> list[int]:
-    """llama-fit-params' -fitt margins (MiB), in llama.cpp's device order. A held-back card already is the
-    budget's size, so it gets llama.cpp's own default margin, as --fit does; elsewhere the budget becomes the
-    margin (free memory minus the budget)."""
-    free = [(d.name, d.free_bytes) for d in c.machine.accelerators]
-    budgets = {dev: size for dev, size in c.budgets.items() if dev not in held}
-    margins = fit_margins(free, budgets, DEFAULT_MARGIN)
+def fit_params_margins(machine: Machine, budgets: dict[str, int], held: set[str]) -> list[int]:
+    """--fit's and llama-fit-params' -fitt margins (MiB), one per device in llama.cpp's device order.
+
+    A held-back card already is the budget's size, and a card without a budget is as the user has it, so
+    both get llama.cpp's own default margin; on a budgeted card that cannot be held back the budget becomes
+    the margin (free memory minus the budget).
+    """
+    free = [(d.name, d.free_bytes) for d in machine.accelerators]
+    kept = {dev: size for dev, size in budgets.items() if dev not in held}
+    margins = fit_margins(free, kept, FIT_MARGIN_MIB * 2**20)
     return [FIT_MARGIN_MIB if name in held else margin for (name, _), margin in zip(free, margins, strict=True)]
+
+
+def held_devices(machine: Machine, budgets: dict[str, int]) -> set[str]:
+    """The budgeted CUDA cards, which `equal_memory` holds back to their budget."""
+    return {f"CUDA{g.index}" for g in machine.gpus} & set(budgets)
 
 
 def contenders(c: ShootoutConfig, measure_once: Callable[[Placement], Measurement],
@@ -171,7 +179,7 @@ def contenders(c: ShootoutConfig, measure_once: Callable[[Placement], Measuremen
         notes.append("the embedded runner cannot run --fit; llama-fit-params' answer below is what it places")
     if c.devices:
         try:
-            answer = fit_params(c.model, fit_params_margins(c, held or set()), c.serving.ctx, 1,
+            answer = fit_params(c.model, fit_params_margins(c.machine, c.budgets, held or set()), c.serving.ctx, 1,
                                 rpc=c.rpc, bin_dir=c.bin_dir)
             entries.append(Entry("llama-fit-params' answer", c.serving.apply(answer.placement),
                                  f"printed: {answer.line}", by_llama_cpp=True))

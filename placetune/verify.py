@@ -18,9 +18,10 @@ from rich.table import Table
 from placetune.compare import SAME, Comparison, compare
 from placetune.errors import PlacetuneError
 from placetune.export import export
+from placetune.hardware import Machine
 from placetune.results import BestPlan
 from placetune.runners.base import Measurement, Stats, Workload
-from placetune.runners.binaries import find_binary
+from placetune.runners.binaries import build_label, find_binary
 from placetune.runners.llama_server import LlamaServerRunner, free_port, running_server
 
 DISAGREE_ISSUE = "llama.cpp issue 25121"
@@ -72,11 +73,11 @@ def server_argv(plan: BestPlan, bin_dir: str | Path | None = None) -> tuple[list
 
 
 def verify(plan: BestPlan, *, bin_dir: str | Path | None = None, rpc: list[str] | None = None,
-           timeout_s: float | None = None, fingerprint: str | None = None,
+           timeout_s: float | None = None, hardware: str | None = None,
            on_launch: Callable[[str], None] | None = None) -> VerifyResult:
     """Launch the exported llama-server line, measure it with the search's workload, and compare.
 
-    rpc replaces the plan's RPC servers (they may live elsewhere now); fingerprint, when given, is this
+    rpc replaces the plan's RPC servers (they may live elsewhere now); hardware, when given, is this
     machine's, so a plan verified on other hardware says so; on_launch gets the exact line started.
     """
     if rpc is not None:
@@ -105,10 +106,14 @@ def verify(plan: BestPlan, *, bin_dir: str | Path | None = None, rpc: list[str] 
         before = Stats(samples, int(ref.get("tokens_per_sample") or 0))
         comparisons.append(MetricCheck(metric, before, stats, compare(stats.samples, samples)))
     notes = []
-    planned = (plan.data.get("machine") or {}).get("fingerprint")
-    if fingerprint and planned and planned != fingerprint:
-        notes.append(f"the search ran on machine {planned}, this is {fingerprint}: the ratio compares "
-                     "different hardware or llama.cpp builds")
+    planned = _hardware_of(plan)
+    if hardware and planned and planned != hardware:
+        notes.append(f"the search ran on hardware {planned}, this is {hardware}: the ratio compares different "
+                     "machines")
+    searched_build, measured_build = build_label(plan.data.get("llama_build") or {}), build_label(m.build)
+    if searched_by == "llama-server" and searched_build != measured_build:
+        notes.append(f"the search's llama-server was {searched_build}, this one is {measured_build}: the ratio "
+                     "compares two llama.cpp builds")
     outside = [c for c in comparisons if not c.inside]
     if outside:
         gaps = ", ".join(f"{c.metric} {c.comparison.describe()}" for c in outside)
@@ -119,6 +124,17 @@ def verify(plan: BestPlan, *, bin_dir: str | Path | None = None, rpc: list[str] 
             notes.append(f"{head}; llama-bench/embedded llama.cpp and llama-server are known to disagree "
                          f"({DISAGREE_ISSUE}): plan with the llama-server number")
     return VerifyResult(argv, workload, searched_by, m, comparisons, notes)
+
+
+def _hardware_of(plan: BestPlan) -> str | None:
+    """The hardware the plan was measured on; each runner has its own build, so only the hardware compares."""
+    machine = plan.data.get("machine") or {}
+    if machine.get("hardware_fingerprint"):
+        return str(machine["hardware_fingerprint"])
+    try:  # a best.json from before the hardware had its own fingerprint
+        return Machine.from_dict(machine).hardware_fingerprint()
+    except (TypeError, KeyError, ValueError):
+        return None
 
 
 def comparison_table(result: VerifyResult) -> Table:

@@ -165,6 +165,8 @@ def test_export_by_study_name_matches_the_search(tiny_search: Path) -> None:
     assert Path(plan.model_path).is_absolute() and Path(plan.model_path).is_file()  # searched as a relative path
     assert plan.model_path == record["model"]["path"]
     assert plan.data["workload"] == record["workload"]
+    # The study's answer is its final round's winner (as best.json), not its fastest search-phase trial.
+    assert plan.data["decision"] == record["decision"] and plan.data["flags"] == record["flags"]
     assert export(plan, "server").startswith(shlex.join(["llama-server", "-m", record["model"]["path"]]))
     with pytest.raises(PlacetuneError, match="studies there"):
         load_result("no-such-study", storage)
@@ -197,6 +199,7 @@ def test_verify_prints_searched_measured_and_ratio(tiny_search: Path) -> None:
         assert numbers[2] == pytest.approx(numbers[1] / numbers[0], rel=0.3)  # ratio of geometric means
         assert numbers[3] <= numbers[2] <= numbers[4]  # its 95% interval
     assert "beyond the noise" not in out or "25121" in out
+    assert "the search ran on hardware" not in out  # searched by embedded llama.cpp, verified by llama-server
     # The line launched is the exported one: the searched serving context and --fit off.
     assert f"-c {json.loads(best.read_text())['serving']['ctx']} -np 1" in out and "-fit off" in out
 

@@ -306,6 +306,24 @@ def test_real_search_writes_all_three_files(tiny_moe: Path, tmp_path: Path) -> N
     script = (folder / "best.sh").read_text()
     assert "llama-server" in script and str(tiny_moe.resolve()) in script
     assert "llama-server -m" in proc.stdout  # the winning line is printed
+    # The ratios come from the final round: the winner's own samples there, against each row's, with intervals.
+    rows = {r["name"]: r for r in best["rows"]}
+    winner = next(r for r in best["rows"] if r["role"] == "winner")
+    compared = [r for r in best["rows"] if r["vs_winner"] and r["role"] != "winner"]
+    assert compared
+    for r in compared:
+        c = r["vs_winner"]["objective"]
+        assert c["low"] <= c["ratio"] <= c["high"] and c["verdict"] in ("faster", "slower", "not distinguishable")
+        assert c["n_a"] == len(winner["pp"]["samples"]) and c["n_b"] == len(r["pp"]["samples"])
+    # On this CPU-only machine the defaults baseline runs llama.cpp's defaults: the serving context and the pin.
+    defaults = rows["llama.cpp defaults"]
+    assert defaults["flags"] == f"-c {best['serving']['ctx']} -np 1 --no-repack"
+    # Every measured trial records the llama.cpp build that measured it, whatever its outcome.
+    import optuna
+
+    study = optuna.load_study(study_name=best["study"]["name"], storage=f"sqlite:///{tmp_path / 'placetune.db'}")
+    measured = [t for t in study.trials if "status" in t.user_attrs]
+    assert measured and all(t.user_attrs.get("build") for t in measured)
 
 
 def test_sigkill_mid_study_then_resume(tiny_moe: Path, tmp_path: Path) -> None:
@@ -632,3 +650,65 @@ def test_a_cpu_budget_binds_llama_fit_params_answer_too(tiny_moe: Path, tmp_path
     fit = next(t for t in search.study.trials if t.user_attrs.get("name") == "llama-fit-params for the budget")
     assert fit.state.name == "PRUNED" and "CPU" in fit.user_attrs["reason"]
     assert "predicted not to fit" in fit.user_attrs["reason"]
+
+
+def test_a_study_without_its_final_round_exports_its_best_trial_and_says_so(tiny_moe: Path, tmp_path: Path) -> None:
+    from placetune.export import load_result
+
+    anatomy = read_anatomy(tiny_moe)
+    cfg = config(anatomy, tiny_moe, tmp_path, n_trials=4, study_name="stopped")
+    search = Search(cfg, LandscapeRunner(anatomy, cfg.devices))
+    search.enqueue_seeds()
+    search.run()  # stopped before the final round
+    plan = load_result("stopped", cfg.storage)
+    assert plan.record.decision is None and "has no final round yet" in plan.record.notes[0]
+
+
+def _contender(name: str, role: str, trial: int, pp: list[float], tg: list[float], flags: str = "") -> Contender:
+    return Contender(name, role, trial, Placement(threads=trial + 1), flags or f"-t {trial + 1}", pp=pp, tg=tg)
+
+
+def test_the_decision_rechecks_min_pp_warns_of_noise_and_keeps_one_front_member_per_placement() -> None:
+    from placetune.search.finals import decide, pareto_front
+
+    w = Workload(n_prompt=64, n_gen=16, repetitions=3, warmups=0)
+    baseline = _contender("llama.cpp defaults", "baseline", 0, [100.0, 101.0, 99.0], [50.0, 50.5, 49.5])
+    fast_tg = _contender("trial 1", "search", 1, [60.0, 61.0, 59.0], [90.0, 91.0, 89.0])
+    # --min-pp is checked again on the final round: a trial whose pp fell below it there cannot win.
+    decision = decide([baseline, fast_tg], "tg", w, min_pp=80.0)
+    assert decision is not None and decision.winner is baseline
+    assert decide([baseline, fast_tg], "tg", w).winner is fast_tg
+    # Candidates too noisy to separate from the baseline: the baseline is named, with a noise warning.
+    noisy = _contender("trial 2", "search", 2, [100.0] * 3, [30.0, 90.0, 60.0])
+    decision = decide([baseline, noisy], "tg", w)
+    assert decision is not None and decision.winner is baseline and decision.noise_warning
+    assert "too noisy to separate" in decision.noise_warning
+    # The Pareto front holds each placement once, even when two contenders share it (a seed and its trial).
+    twin = _contender("trial 3", "search", 3, [60.0, 61.0, 59.0], [90.0, 91.0, 89.0], flags=fast_tg.flags)
+    front = pareto_front([baseline, fast_tg, twin])
+    assert [c.flags for c in front].count(fast_tg.flags) == 1 and baseline in front
+
+
+def test_baselines_are_never_screened_and_survivors_run_warm(tiny_moe: Path, tmp_path: Path) -> None:
+    """A baseline gets all its repetitions however slow it is; a surviving trial's rest runs warm where the
+    runner kept the model loaded after the first repetition (the embedded runner's reuse)."""
+
+    class Recording(LandscapeRunner):
+        reuse = True
+
+        def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:
+            self.workloads.append((render_flags(placement), workload))
+            return super().measure(model, placement, workload)
+
+    anatomy = read_anatomy(tiny_moe)
+    cfg = config(anatomy, tiny_moe, tmp_path, n_trials=12, workload=Workload(64, 16, 0, 3, 2))
+    runner = Recording(anatomy, cfg.devices)
+    runner.workloads = []
+    search = Search(cfg, runner)
+    search.enqueue_seeds()
+    search.run()
+    for t in search.study.trials:
+        if t.user_attrs.get("role") == "baseline" and t.state.name == "COMPLETE":
+            assert len(t.user_attrs["tg_samples"]) == 3, t.user_attrs["name"]  # never cut after one
+    rests = [w for _, w in runner.workloads if w.repetitions == 2]  # a screened trial's remaining repetitions
+    assert rests and all(w.warmups == 0 for w in rests)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from placetune.hardware import LlamaDevice, Machine
 from placetune.placement import parse_flags
 from placetune.runners.base import Measurement
@@ -70,14 +72,17 @@ def test_a_stopped_shootout_resumes_from_its_journal(tiny_moe: Path, tmp_path: P
 
 
 def test_llama_fit_params_sees_a_held_back_card_as_llama_cpp_would() -> None:
-    config = ShootoutConfig.__new__(ShootoutConfig)
-    config.machine = Machine("m", "cpu", 2, 2, 2**34, 2**34, llama_devices=[
+    machine = Machine("m", "cpu", 2, 2, 2**34, 2**34, llama_devices=[
         LlamaDevice("CUDA0", "gpu", "CUDA0", 80 * 2**30, 80 * 2**30),
-        LlamaDevice("RPC0", "rpc", "RPC0", 1024 * 2**20, 1024 * 2**20)])
-    config.budgets = {"CUDA0": 12 * 2**30, "RPC0": 64 * 2**20}
-    # RPC devices come first in llama.cpp's order; the held-back card is already 12 GiB: llama.cpp's own margin
-    assert fit_params_margins(config, held={"CUDA0"}) == [960, 1024]
-    assert fit_params_margins(config, held=set()) == [960, 68 * 1024]
+        LlamaDevice("RPC0", "rpc", "RPC0", 1024 * 2**20, 1024 * 2**20),
+        LlamaDevice("RPC1", "rpc", "RPC1", 2048 * 2**20, 2048 * 2**20)])
+    budgets = {"CUDA0": 12 * 2**30, "RPC0": 64 * 2**20, "RPC1": 1024 * 2**20}
+    # RPC devices come first in llama.cpp's order; the held-back card is already 12 GiB: llama.cpp's own margin.
+    # Every budget that cannot be held back becomes that device's own margin.
+    assert fit_params_margins(machine, budgets, held={"CUDA0"}) == [960, 1024, 1024]
+    assert fit_params_margins(machine, budgets, held=set()) == [960, 1024, 68 * 1024]
+    # A device without a budget is as the user has it: llama.cpp's own margin, as out of the box.
+    assert fit_params_margins(machine, {"RPC0": 64 * 2**20}, held=set()) == [960, 1024, 1024]
 
 
 def test_a_budget_that_cannot_be_held_is_checked_against_what_llama_cpp_allocated() -> None:
@@ -108,3 +113,29 @@ def test_a_contender_over_its_budget_shows_no_speed(tiny_moe: Path, rpc_server: 
     md = (tmp_path / "shootout.md").read_text()
     row = next(x for x in md.splitlines() if x.startswith("| all on RPC0 |"))
     assert "| does not fit |" in row
+
+
+def test_a_shootout_can_run_placetune_search_first(tiny_moe: Path, tmp_path: Path) -> None:
+    """--search-minutes: placetune's winner comes from a search on the shootout's own memory and context."""
+    proc = shootout(str(tiny_moe), "--runner", "llama-bench", "--search-minutes", "0.1", "--set", "repack=false",
+                    "--out", str(tmp_path), *SHORT)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    summary = json.loads((tmp_path / "shootout.json").read_text())
+    rows = summary["depths"][0]["rows"]
+    winner = next(r for r in rows if r["source"] == "placetune")
+    assert winner["status"] == "ok" and winner["intervals"]["pp"]["n"] == 2
+    assert (tmp_path / "search.db").is_file()  # the search's study, beside the shootout's journal
+
+
+def test_holding_back_a_card_that_is_not_there_is_one_line() -> None:
+    """On a machine without CUDA the helper cannot allocate: one line saying so, and no helper left behind."""
+    import psutil
+
+    from placetune.errors import PlacetuneError
+    from placetune.holdback import held_back
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with (pytest.raises(PlacetuneError, match=r"could not hold back 1\.0 GiB on CUDA0 to enforce the budget"),
+          held_back(2**30, 0)):
+        raise AssertionError("held back memory on a machine without CUDA")
+    assert {p.pid for p in psutil.Process().children(recursive=True)} == before

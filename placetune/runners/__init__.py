@@ -54,15 +54,16 @@ def get_runner(name: str, *, bin_dir: str | Path | None = None, rpc: Sequence[st
 
 
 def get_fit_runner(name: str, *, bin_dir: str | Path | None = None, rpc: Sequence[str] = (),
-                   margin_mib: int | None = None) -> Runner | None:
+                   margins_mib: Sequence[int] = ()) -> Runner | None:
     """The runner `name` with llama.cpp's --fit on (what a user who sets nothing gets); None for the embedded
-    runner, which cannot run --fit. margin_mib: --fit's margin (default: llama.cpp's own)."""
+    runner, which cannot run --fit. margins_mib: --fit's margin per device, in llama.cpp's device order
+    (none: llama.cpp's own)."""
     if name == "llama-bench":
-        from placetune.runners.llama_bench import FIT_MARGIN_MIB, LlamaBenchRunner
+        from placetune.runners.llama_bench import LlamaBenchRunner
 
-        return LlamaBenchRunner(bin_dir=bin_dir, rpc=rpc, fit_on=True, fit_margin_mib=margin_mib or FIT_MARGIN_MIB)
+        return LlamaBenchRunner(bin_dir=bin_dir, rpc=rpc, fit_on=True, fit_margins_mib=margins_mib)
     if name == "llama-server":
         from placetune.runners.llama_server import LlamaServerRunner
 
-        return LlamaServerRunner(bin_dir=bin_dir, rpc=rpc, fit_on=True, fit_margin_mib=margin_mib)
+        return LlamaServerRunner(bin_dir=bin_dir, rpc=rpc, fit_on=True, fit_margins_mib=margins_mib)
     return None

@@ -31,13 +31,14 @@ class LlamaBenchRunner:
     name = "llama-bench"
 
     def __init__(self, bin_dir: str | Path | None = None, rpc: Sequence[str] = (), fit_on: bool = False,
-                 fit_margin_mib: int = FIT_MARGIN_MIB) -> None:
-        """fit_on: let llama.cpp's --fit place the tensors (llama-bench -fitt MARGIN), as a user who sets
-        nothing gets; the placement's own layers and overrides must then be empty."""
+                 fit_margins_mib: Sequence[int] = ()) -> None:
+        """fit_on: let llama.cpp's --fit place the tensors (llama-bench -fitt MARGINS, one per device; none:
+        llama.cpp's own), as a user who sets nothing gets; the placement's own layers and overrides must then
+        be empty."""
         self.bin_dir = bin_dir
         self.rpc = tuple(rpc)
         self.fit_on = fit_on
-        self.fit_margin_mib = fit_margin_mib
+        self.fit_margins_mib = list(fit_margins_mib) or [FIT_MARGIN_MIB]
 
     def command(self, model: Path, placement: Placement, workload: Workload) -> list[str]:
         """The exact llama-bench command line a measurement runs."""
@@ -47,7 +48,7 @@ class LlamaBenchRunner:
             depth=workload.depth, repetitions=workload.repetitions + _extra_warmups(workload), rpc=self.rpc,
             output="jsonl",
         )
-        fit = render_fit_target([self.fit_margin_mib]) if self.fit_on else []
+        fit = render_fit_target(self.fit_margins_mib) if self.fit_on else []
         return [*cmd, *fit, VERBOSE] + ([NO_WARMUP] if workload.warmups == 0 else [])
 
     def measure(self, model: Path, placement: Placement, workload: Workload) -> Measurement:

@@ -190,15 +190,15 @@ class LlamaServerRunner:
     name = "llama-server"
 
     def __init__(self, bin_dir: str | Path | None = None, rpc: Sequence[str] = (), seed: int = 0,
-                 fit_on: bool = False, fit_margin_mib: int | None = None) -> None:
+                 fit_on: bool = False, fit_margins_mib: Sequence[int] = ()) -> None:
         """fit_on: start the line as a user who passes only -m and -c would (--fit on, -np auto): llama.cpp
-        places the tensors itself, and nothing placetune would add to pin them is added. fit_margin_mib:
-        its -fitt, where a budget cannot be enforced otherwise (default: llama.cpp's own)."""
+        places the tensors itself, and nothing placetune would add to pin them is added. fit_margins_mib:
+        its -fitt per device, where a budget cannot be enforced otherwise (none: llama.cpp's own)."""
         self.bin_dir = bin_dir
         self.rpc = tuple(rpc)
         self.seed = seed
         self.fit_on = fit_on
-        self.fit_margin_mib = fit_margin_mib
+        self.fit_margins_mib = list(fit_margins_mib)
 
     def command(self, model: Path, placement: Placement, workload: Workload, port: int) -> list[str]:
         """The exact llama-server command line a measurement starts (the context sized to the workload)."""
@@ -207,7 +207,7 @@ class LlamaServerRunner:
             placement = replace(placement, ctx=workload.context_needed)
         if placement.parallel is None and not self.fit_on:  # -np auto would size the cache for 4 slots
             placement = replace(placement, parallel=1)
-        margin = render_fit_target([self.fit_margin_mib]) if self.fit_on and self.fit_margin_mib is not None else []
+        margin = render_fit_target(self.fit_margins_mib) if self.fit_on else []
         return render_server_command(str(model), placement, binary=str(binary), host="127.0.0.1", port=port,
                                      rpc=self.rpc, fit_off=not self.fit_on and "--fit" in binary_help(binary),
                                      extra=[*margin, *server_flags(binary)])

@@ -303,6 +303,7 @@ class Search:
     def _record(self, trial: optuna.Trial, m: Measurement) -> None:
         trial.set_user_attr("status", m.status)
         trial.set_user_attr("reason", m.reason)
+        trial.set_user_attr("build", m.build)  # a crash or an OOM is a result of that build too
         if m.ok:
             self.evidence.record(_needs_from(trial.user_attrs["predicted_need"]))
             for key, stats in (("pp", m.pp), ("tg", m.tg)):
@@ -311,7 +312,6 @@ class Search:
                 trial.set_user_attr(f"{key}_samples", list(stats.samples))
             trial.set_user_attr("placement_issues", m.placement_issues)
             trial.set_user_attr("device_memory", m.device_memory)
-            trial.set_user_attr("build", m.build)
 
     # -- the loop ----------------------------------------------------------------------------
 
