@@ -122,8 +122,9 @@ def bench(
     Example: placetune bench model.gguf -- -ngl 99 --n-cpu-moe 20 -fa on -ub 2048
     """
     from placetune.anatomy import read_anatomy
+    from placetune.hardware import probe_machine
     from placetune.memory import predict_memory
-    from placetune.placement import parse_flags
+    from placetune.placement import check_buffer_types, parse_flags
     from placetune.results import load_placement
     from placetune.runners import get_runner
     from placetune.runners.base import Workload
@@ -140,11 +141,8 @@ def bench(
     placement = load_placement(placement_file) if placement_file else parse_flags(ctx.args, rpc=rpc_servers)
     workload = Workload(prompt_tokens, gen_tokens, depth, reps, warmups, timeout)
     runner = default_runner(runner, llama_bin_dir)
-    if any(o.buft != "CPU" for o in placement.overrides):
-        from placetune.hardware import probe_machine
-        from placetune.placement import check_buffer_types
-
-        check_buffer_types(placement, probe_machine(rpc_servers, runner, llama_bin_dir).override_targets)
+    machine = probe_machine(rpc_servers, runner, llama_bin_dir)  # the devices this runner's llama.cpp fills
+    check_buffer_types(placement, machine.override_targets)
     measurer = get_runner(runner, bin_dir=llama_bin_dir, rpc=rpc_servers)
     if not as_json:
         console.print(f"measuring with {runner}: {' '.join(ctx.args) or '(llama.cpp defaults)'}", highlight=False)
@@ -154,10 +152,11 @@ def bench(
                                "measurement": m.to_dict()}, indent=2))
     else:
         measurement_table(m, workload, console)
-        devices = [f"RPC{i}" for i in range(len(rpc_servers))]
+        devices = [d.name for d in machine.accelerators]
         # the context each runner gives llama.cpp: llama-bench sizes one per test, the largest being pp's
-        n_ctx = depth + prompt_tokens if runner == "llama-bench" else max(placement.ctx or 0, depth + prompt_tokens + gen_tokens)
-        need = predict_memory(anatomy, placement, devices, n_ctx)
+        n_ctx = (depth + prompt_tokens if runner == "llama-bench"
+                 else max(placement.ctx or 0, depth + prompt_tokens + gen_tokens))
+        need = predict_memory(anatomy, placement, devices, n_ctx, n_seq=placement.parallel or 1)
         placement_table(anatomy, placement, devices, m.reported, console, need)
     if not m.ok:
         raise typer.Exit(1)

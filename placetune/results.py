@@ -107,6 +107,15 @@ class BestRecord(BaseModel):
     memory: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
 
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, version: int) -> int:
+        """A newer placetune may have changed what a field means: refuse rather than misread it."""
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"written by a newer placetune (schema {version}, this one reads up to "
+                             f"{SCHEMA_VERSION}); upgrade placetune")
+        return version
+
     @field_validator("study")
     @classmethod
     def _masked_storage(cls, study: dict[str, Any]) -> dict[str, Any]:

@@ -111,3 +111,20 @@ def test_second_ctrl_c_stops_at_once_and_the_cut_trial_is_measured_on_resume(tin
     (retry,) = [t for t in trials if t.system_attrs.get("retry_history") == [cut[0].number]]
     assert retry.state.name in ("COMPLETE", "PRUNED") and retry.params == cut[0].params
     assert retry.user_attrs.get("name") == cut[0].user_attrs.get("name")
+
+
+def test_bench_predicts_every_device_the_runner_fills(tiny_moe: Path, rpc_server: str) -> None:
+    """The prediction names the devices llama.cpp fills, not only the CPU: weights predicted on RPC0 equal what
+    llama.cpp reported there."""
+    proc = subprocess.run([*CLI, "bench", str(tiny_moe), "--rpc", rpc_server, "-p", "16", "-n", "4", "-r", "1",
+                           "--warmups", "0", "--", "-ngl", "99", "--no-repack"], capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if "RPC0" in line and "group" in line)
+    rpc_column = [c.strip() for c in header.split("┃")].index("RPC0")
+
+    def cell(label: str) -> str:
+        row = next(line for line in proc.stdout.splitlines() if line.strip("│ ").startswith(label))
+        return [c.strip() for c in row.split("│")][rpc_column]
+
+    assert cell("weights PREDICTED") == cell("weights reported") != "-"

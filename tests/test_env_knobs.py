@@ -95,7 +95,8 @@ def test_every_export_carries_the_knobs(tmp_path: Path, monkeypatch: pytest.Monk
     fake = types.ModuleType("llama_cpp")
     fake.Llama = lambda **kw: seen.update(kw)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "llama_cpp", fake)
-    monkeypatch.delenv(KNOB[0], raising=False)
+    monkeypatch.setenv(KNOB[0], "")  # recorded, so the value the snippet sets is undone after the test
+    monkeypatch.delenv(KNOB[0])
     import os
 
     exec(compile(export(plan, "python"), "<export>", "exec"), {})

@@ -282,8 +282,9 @@ def test_env_knobs_and_rpc_endpoints_with_hostile_values_survive_every_form(tmp_
     plan = BestPlan({**make_plan(model, placement).data, "rpc": rpc})
 
     def run(text: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != KNOB}  # only the line may set it
         done = subprocess.run(["bash", "-c", text], capture_output=True, text=True, cwd=tmp_path, timeout=30,
-                              check=True)
+                              check=True, env=env)
         return json.loads(done.stdout)
 
     server = str(folder / "llama-server")
@@ -298,7 +299,8 @@ def test_env_knobs_and_rpc_endpoints_with_hostile_values_survive_every_form(tmp_
     (entry,) = doc["models"].values()
     assert entry["env"] == [f"{KNOB}={HOSTILE}"]
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=lambda **kw: None))
-    monkeypatch.delenv(KNOB, raising=False)
+    monkeypatch.setenv(KNOB, "")  # recorded, so the value the snippet sets is undone after the test
+    monkeypatch.delenv(KNOB)
     exec(compile(export(plan, "python"), "<export>", "exec"), {})
     assert os.environ[KNOB] == HOSTILE
     script = tmp_path / "best.sh"
