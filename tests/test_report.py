@@ -69,8 +69,8 @@ def test_summary_compares_best_with_each_baseline(results: Path, report: Path) -
     page = report.read_text(encoding="utf-8")
     best = json.loads((results / "best.json").read_text())
     assert "(winner)" in page and "winner/this" in page
-    for row in best["rows"]:
-        assert html.escape(row["name"]) in page
+    for row in best["rows"]:  # table cells: markup escaped, quotes as they are (pandas' to_html)
+        assert html.escape(row["name"], quote=False) in page
     assert "predicted tg" in page and "efficiency" in page and html.escape(best["notes"][0]) in page
     assert "CPU 20.0 GB/s (user (--ram-bw))" in page
 

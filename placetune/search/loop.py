@@ -5,7 +5,7 @@ The procedure, in order:
      own candidate, so the search can only improve on them;
   2. each trial is checked against the memory model first and pruned without a launch if it cannot fit;
      a placement measured before costs no measurement and no share of --n-trials;
-  3. one repetition screens a sampled trial: clearly below the best trial (beyond its own spread too),
+  3. one repetition screens a sampled trial (screening.py): clearly below the best trial (beyond its own spread too),
      it is pruned; otherwise it gets its remaining repetitions, warm;
   4. the final round (finals.py) re-measures the top trials and every baseline interleaved, and names a
      winner only beyond the noise.
@@ -27,7 +27,6 @@ import optuna
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from placetune.compare import clearly_worse
 from placetune.errors import PlacetuneError
 from placetune.memory import DeviceNeed, FitVerdict, LoadedEvidence, MarginFeedback, check_fit, predict_memory
 from placetune.placement import Placement, render_flags, render_server_command
@@ -45,6 +44,7 @@ from placetune.search.finals import (
     run_rounds,
 )
 from placetune.search.objective import objective_value, speed_samples
+from placetune.search.screening import ScreenedOut, measure_screened
 from placetune.search.seeds import BASELINE, CANDIDATE, Seed, SeedContext, standard_sources
 from placetune.search.staged import Walk, ubatch_sizes
 from placetune.search.study import open_storage, open_study
@@ -52,7 +52,6 @@ from placetune.search.workers import Workers, counted, retried_numbers
 from placetune.storage import mask_url
 from placetune.units import human_bytes
 
-SCREEN_MARGIN = 0.10  # a screened trial must be this much slower than the best (or 3x its spread) to be cut
 POLL_S = 1.0  # how often a worker looks again at trials other workers are running
 NEEDS_CACHE = 4096  # predicted needs kept per placement: the staged walk asks about the same ones after every trial
 MAX_REPEATS = 30  # the sampler proposing only measured placements this many times in a row: the space is done
@@ -271,34 +270,18 @@ class Search:
                              self.config.workload)
 
     def _measure_screened(self, trial: optuna.Trial, placement: Placement, role: str) -> Measurement:
-        """A sampled trial gets one repetition first, and the rest only if it could still be the best.
-
-        Seeds are never screened: one repetition is too little to judge the placement they stand for.
-        """
+        """Sampled trials are screened against the best trial so far (screening.py); seeds never are."""
         c = self.config
-        w = c.workload
         best = self.ranked()[:1]
-        if not c.screen or role != SEARCH or not best or w.repetitions <= 1 or c.objective == "pareto":
-            return self.runner.measure(c.model, placement, w)
-        first = self.runner.measure(c.model, placement, replace(w, repetitions=1))
-        if not first.ok:
-            return first
-        speed = speed_samples(c.objective, first.pp.samples, first.tg.samples, w)[0]
-        reference = self._speeds(best[0])
-        if clearly_worse(speed, reference, SCREEN_MARGIN):
-            self._record(trial, first)
-            trial.set_user_attr("reason", f"screened out after 1 repetition: {speed:.4g} vs best trial "
-                                          f"{best[0].number}'s {sorted(reference)[len(reference) // 2]:.4g}")
+        screen = c.screen and role == SEARCH and best and c.objective != "pareto"
+        result = measure_screened(self.runner, c.model, placement, c.workload, c.objective,
+                                  self._speeds(best[0]) if screen else None)
+        if isinstance(result, ScreenedOut):
+            self._record(trial, result.measurement)
+            trial.set_user_attr("reason", f"screened out after 1 repetition: {result.speed:.4g} vs best trial "
+                                          f"{best[0].number}'s {result.reference_median:.4g}")
             raise optuna.TrialPruned(trial.user_attrs["reason"])
-        # A runner that kept the model loaded is already warm from the first repetition.
-        warm = getattr(self.runner, "reuse", False)
-        rest = self.runner.measure(c.model, placement,
-                                   replace(w, repetitions=w.repetitions - 1, warmups=0 if warm else w.warmups))
-        if not rest.ok:
-            return rest
-        return replace(rest, pp=Stats(first.pp.samples + rest.pp.samples, rest.pp.tokens_per_sample),
-                       tg=Stats(first.tg.samples + rest.tg.samples, rest.tg.tokens_per_sample),
-                       measure_s=rest.measure_s + first.measure_s, wall_s=rest.wall_s + first.wall_s)
+        return result
 
     def _record(self, trial: optuna.Trial, m: Measurement) -> None:
         trial.set_user_attr("status", m.status)
