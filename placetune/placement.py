@@ -41,9 +41,10 @@ class ExpertRule:
     include_bias: bool = True
 
     def __post_init__(self) -> None:
-        if self.layers is not None and not all(_is_count(x, 0) for x in self.layers):
-            raise PlacetuneError(f"an expert rule's layers are layer numbers (0 or more), got {list(self.layers)!r}")
         if self.layers is not None:
+            if not all(_is_count(x, 0) for x in self.layers):
+                raise PlacetuneError(f"an expert rule's layers are layer numbers (0 or more), got "
+                                     f"{list(self.layers)!r}")
             object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
         object.__setattr__(self, "kinds", tuple(k for k in ALL_EXPERT_KINDS if k in set(self.kinds)))
         if not self.kinds or (self.layers is not None and not self.layers):
@@ -173,7 +174,7 @@ class Placement:
         ts = d.get("tensor_split")
         try:
             split = None if ts is None else tuple(float(x) for x in ts)
-            env = tuple((str(k), str(v)) for k, v in dict(d.get("env", ())).items())
+            env = tuple(dict(d.get("env", ())).items())  # __post_init__ makes names and values strings
         except (TypeError, ValueError):
             raise PlacetuneError(f"placement: tensor_split is a list of numbers and env a list of [NAME, VALUE] "
                                  f"pairs, got {ts!r} and {d.get('env')!r}") from None

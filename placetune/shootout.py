@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from placetune.anatomy import Anatomy
-from placetune.budgets import fit_margins
+from placetune.budgets import MIB, fit_margins
 from placetune.compare import Comparison, Estimate, compare, estimate, latency_rates
 from placetune.errors import PlacetuneError, read_user_text
 from placetune.escape import md_cell, one_line
@@ -153,7 +153,7 @@ def fit_params_margins(machine: Machine, budgets: dict[str, int], held: set[str]
     """
     free = [(d.name, d.free_bytes) for d in machine.accelerators]
     kept = {dev: size for dev, size in budgets.items() if dev not in held}
-    margins = fit_margins(free, kept, FIT_MARGIN_MIB * 2**20)
+    margins = fit_margins(free, kept, FIT_MARGIN_MIB * MIB)
     return [FIT_MARGIN_MIB if name in held else margin for (name, _), margin in zip(free, margins, strict=True)]
 
 
@@ -391,7 +391,7 @@ class ShootoutResult:
 
     def reference(self, depth: int) -> Entry | None:
         """placetune's winner when it ran, else the contender with the shortest requests at this depth."""
-        measured = [e for e in self.entries if e.status == "ok" and e.samples(depth, "pp")]
+        measured = [e for e in self.entries if e.samples(depth, "pp")]  # none once a contender failed
         placetune = [e for e in measured if e.source == "placetune"]
         if placetune:
             return placetune[0]
@@ -459,7 +459,8 @@ class ShootoutResult:
             for r in self.rows(depth):
                 pp = r.intervals["pp"].describe() if "pp" in r.intervals else r.status
                 tg = r.intervals["tg"].describe() if "tg" in r.intervals else ""
-                lat = r.intervals["latency"].describe(_digits(r.latency_s)) if "latency" in r.intervals else ""
+                latency = r.intervals.get("latency")
+                lat = latency.describe(_digits(latency.center)) if latency else ""
                 vs = r.vs_reference.describe() if r.vs_reference else ("reference" if ref and r.name == ref.name
                                                                          else r.reason)
                 lines.append(f"| {md_cell(r.name)} | `{md_cell(r.flags)}` | {pp} | {tg} | {lat} | {md_cell(vs)} |")
@@ -467,9 +468,9 @@ class ShootoutResult:
         return "\n".join(lines)
 
 
-def _digits(seconds: float | None) -> int:
+def _digits(seconds: float) -> int:
     """Decimals that show a request time to about three significant figures (0.002 s on a tiny model)."""
-    if not seconds or not math.isfinite(seconds) or seconds <= 0:
+    if not math.isfinite(seconds) or seconds <= 0:
         return 3
     return max(1, 2 - math.floor(math.log10(seconds)))
 

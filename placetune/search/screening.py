@@ -35,7 +35,7 @@ def measure_screened(runner: Runner, model: Path, placement: Placement, workload
                      reference: Sequence[float] | None) -> Measurement | ScreenedOut:
     """All repetitions of the placement, or ScreenedOut after the first when it is clearly slower than
     `reference` (the best trial's speed samples; None: measure everything)."""
-    if reference is None or not reference or workload.repetitions <= 1:
+    if not reference or workload.repetitions <= 1:
         return runner.measure(model, placement, workload)
     first = runner.measure(model, placement, replace(workload, repetitions=1))
     if not first.ok:
